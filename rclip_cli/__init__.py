@@ -1,0 +1,1 @@
+"""rclip_cli: the `rclip` command line (Click commands that call rclip_core)."""
