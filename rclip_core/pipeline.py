@@ -1,0 +1,229 @@
+"""Zero-shot region recognition and detection on images: the path shared by ``rclip detect``,
+``rclip eval --zero-shot`` and ``rclip pseudo-label``.
+
+Per image: read + resize (spec 1.5) -> proposals (given boxes, offline RPN, random or grid
+boxes) -> trunk once -> RoIAlign + res5 + attention pool per region -> classifier (spec 1.6)
+-> post-processing (spec 5.1-5.3) -> boxes back in original pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rclip_core.data.transforms import (MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, boxes_to_original,
+                                        boxes_to_resized, load_image)
+from rclip_core.errors import InputError, RclipError
+from rclip_core.models.regionclip import RegionCLIP
+from rclip_core.models.zeroshot import FUSION_MODES, Detections, postprocess_detections, region_class_probs
+
+PROPOSAL_MODES = ("boxes", "rpn", "random", "grid")
+
+
+@dataclass
+class DetectOptions:
+    proposals: str = "boxes"  # boxes | rpn | random | grid
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    max_dets: int = 100
+    fusion: str = "official"  # only used with RPN proposals
+    topk_labels: int = 1  # 0 = every (box, class) pair above the threshold (official protocol)
+    num_random: int = 100
+    seed: int = 0
+    chunk_size: int = 256  # regions per head call: bounds peak memory
+    short_side: int = TEST_SHORT_SIDE
+    max_size: int = MAX_SIZE
+    precision: str = "fp32"  # fp32 | bf16
+
+    def validate(self) -> None:
+        if self.proposals not in PROPOSAL_MODES:
+            raise InputError(f"unknown proposal mode {self.proposals!r}", "use one of " + ", ".join(PROPOSAL_MODES))
+        if self.fusion not in FUSION_MODES:
+            raise InputError(f"unknown fusion {self.fusion!r}", "use one of " + ", ".join(FUSION_MODES))
+        if not (0.0 <= self.score_thresh < 1.0 or (self.fusion == "official" and self.score_thresh >= 0)):
+            raise InputError(f"--score-thresh {self.score_thresh} must be in [0, 1)")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            raise InputError(f"--nms {self.nms_thresh} must be in (0, 1]")
+        if self.max_dets < 1:
+            raise InputError("--max-dets must be >= 1")
+        if self.topk_labels < 0:
+            raise InputError("--topk-labels must be >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise InputError(f"unknown precision {self.precision!r}", "use fp32 or bf16")
+
+
+@dataclass
+class ImageResult:
+    path: str
+    orig_size: tuple[int, int]  # (h, w)
+    boxes: Tensor  # [N, 4] region boxes in original pixels, input order
+    embeddings: Tensor  # [N, D] unnormalised region embeddings, input order
+    detections: Detections  # boxes in original pixels
+    objectness: Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class ZeroShotPipeline:
+    """Region embeddings + classification + post-processing for one model and vocabulary."""
+
+    def __init__(self, model: RegionCLIP, class_embeddings: Tensor | None, options: DetectOptions):
+        options.validate()
+        self.model = model
+        self.device = model.device
+        self.class_embeddings = None if class_embeddings is None else class_embeddings.float().to(self.device)
+        if self.class_embeddings is not None and self.class_embeddings.shape[1] != model.embed_dim:
+            raise InputError(f"class embeddings have dimension {self.class_embeddings.shape[1]} but the model's "
+                             f"region embeddings have {model.embed_dim}",
+                             "use embeddings made with the same architecture (e.g. *_rn50x4 files for RN50x4)")
+        self.options = options
+        if options.proposals == "rpn" and model.rpn is None:
+            raise InputError("RPN proposals need an offline RPN, and these weights carry none",
+                             "pass --rpn-weights rpn_lvis_866.pth, or use --boxes FILE / --proposals random")
+
+    # -- proposals --------------------------------------------------------------------------
+    def proposals(self, prep: PreparedImage, given: np.ndarray | None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Returns (boxes in resized pixels, objectness logits or None, boxes in original pixels)."""
+        o = self.options
+        if given is not None:
+            resized = boxes_to_resized(given, prep)
+            orig = torch.as_tensor(np.asarray(given, dtype=np.float64), dtype=torch.float32).reshape(-1, 4)
+            return resized, None, orig
+        if o.proposals == "rpn":
+            with torch.inference_mode():
+                out = self.model.rpn([prep.tensor.to(self.device)])
+            boxes, logits = _unpack_rpn(out)
+            return boxes.float(), logits.float(), boxes_to_original(boxes.float(), prep)
+        from rclip_core.models.proposals import grid_boxes, random_boxes
+
+        h, w = prep.size
+        if o.proposals == "random":
+            g = torch.Generator().manual_seed(o.seed)
+            boxes = random_boxes((h, w), o.num_random, g)
+        elif o.proposals == "grid":
+            boxes = grid_boxes((h, w))
+        else:
+            raise InputError("no boxes given for this image", "pass --boxes FILE or choose --proposals rpn|random|grid")
+        boxes = boxes.float()
+        return boxes, None, boxes_to_original(boxes, prep)
+
+    # -- one image -----------------------------------------------------------------------------
+    def run(self, prep: PreparedImage, path: str, given: np.ndarray | None = None) -> ImageResult:
+        import time
+
+        t0 = time.perf_counter()
+        boxes, logits, boxes_orig = self.proposals(prep, given)
+        t1 = time.perf_counter()
+        enc = self.model.encoder
+        with torch.inference_mode(), autocast_context(self.device, self.options.precision):
+            res4 = enc.trunk(enc.batch_images([prep.tensor]))
+            t2 = time.perf_counter()
+            emb = enc.forward_features(res4, [boxes.to(self.device)], chunk_size=self.options.chunk_size).float()
+        t3 = time.perf_counter()
+        if self.class_embeddings is not None and emb.shape[0] > 0:
+            probs = region_class_probs(emb, self.class_embeddings, keep_background=True)
+            o = self.options
+            fusion = o.fusion if logits is not None else "none"
+            dets = postprocess_detections(boxes.to(self.device), probs, prep.size, logits, fusion,
+                                          o.score_thresh, o.nms_thresh, o.max_dets, o.topk_labels)
+            dets.boxes = boxes_to_original(dets.boxes.cpu(), prep)
+            nonempty = (dets.boxes[:, 2] > dets.boxes[:, 0]) & (dets.boxes[:, 3] > dets.boxes[:, 1])
+            if not bool(nonempty.all()):
+                dets = Detections(dets.boxes[nonempty], dets.scores[nonempty.to(dets.scores.device)],
+                                  dets.classes[nonempty.to(dets.classes.device)],
+                                  dets.box_index[nonempty.to(dets.box_index.device)], dets.probs[nonempty.to(dets.probs.device)])
+        else:
+            z = torch.zeros(0)
+            dets = Detections(torch.zeros(0, 4), z, z.long(), z.long(), z)
+        t4 = time.perf_counter()
+        return ImageResult(path=path, orig_size=prep.orig_size, boxes=boxes_orig, embeddings=emb.cpu(),
+                           detections=Detections(dets.boxes.cpu(), dets.scores.cpu(), dets.classes.cpu(),
+                                                 dets.box_index.cpu(), dets.probs.cpu()),
+                           objectness=None if logits is None else logits.cpu(),
+                           timings={"proposals": t1 - t0, "trunk": t2 - t1, "head": t3 - t2, "post": t4 - t3})
+
+
+def _unpack_rpn(out) -> tuple[Tensor, Tensor]:
+    """Accept the RPN's per-image output in its documented forms."""
+    first = out[0] if isinstance(out, (list, tuple)) else out
+    if isinstance(first, dict):
+        return first["boxes"], first["objectness_logits"]
+    if isinstance(first, (list, tuple)) and len(first) == 2:
+        return first[0], first[1]
+    if hasattr(first, "boxes"):
+        return first.boxes, first.objectness_logits
+    raise RclipError("unexpected RPN output format")
+
+
+def prefetch_images(paths: Sequence[str], short: int, max_size: int, workers: int = 2
+                    ) -> Iterator[tuple[str, PreparedImage | None, Exception | None]]:
+    """Decode + resize images in background threads (PIL releases the GIL) while the model runs.
+    Yields (path, image or None, error or None) in input order."""
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(load_image, p, short, max_size) for p in paths[: workers * 2]]
+        nxt = len(futures)
+        for i, p in enumerate(paths):
+            fut = futures[i]
+            if nxt < len(paths):
+                futures.append(pool.submit(load_image, paths[nxt], short, max_size))
+                nxt += 1
+            try:
+                yield p, fut.result(), None
+            except RclipError as e:
+                yield p, None, e
+            futures[i] = None  # free memory
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def collect_images(inputs: Iterable[str]) -> list[str]:
+    """Files, directories (their images, sorted) and glob patterns -> image paths (deduplicated,
+    order kept). A missing path or an empty directory/glob is bad input."""
+    import glob
+
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(p: str) -> None:
+        rp = os.path.abspath(p)
+        if rp not in seen:
+            seen.add(rp)
+            out.append(p)
+
+    for item in inputs:
+        if any(ch in item for ch in "*?[") and not os.path.exists(item):
+            hits = sorted(glob.glob(item, recursive=True))
+            hits = [h for h in hits if os.path.isfile(h)]
+            if not hits:
+                raise InputError(f"no files match {item!r}")
+            for h in hits:
+                add(h)
+        elif os.path.isdir(item):
+            hits = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not hits:
+                raise InputError(f"directory {item} contains no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+            for h in hits:
+                add(h)
+        elif os.path.exists(item):
+            add(item)
+        else:
+            raise InputError(f"image not found: {item}")
+    return out
+
+
+ProgressFn = Callable[[int], None]

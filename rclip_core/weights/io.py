@@ -1,0 +1,224 @@
+"""Reading and writing weights safely.
+
+* Native format: one safetensors file; tensors under open_clip names (``visual.*``,
+  ``transformer.*``, ...) plus optional ``rpn.*``, ``box_predictor.*``, ``class_embeddings``;
+  JSON metadata under the safetensors metadata key ``rclip`` (architecture, embedding dim,
+  class names, templates, rclip version, kind).
+* Foreign formats (official RegionCLIP/Detectron2 ``.pth``, open_clip/OpenAI checkpoints,
+  embedding tensors) are read with ``torch.load(weights_only=True)`` only: a pickle that would
+  run code is refused, never executed.
+* Downloads: verified by sha256, written atomically, with a progress callback; when the network
+  is unreachable they fail within seconds with a hint to pass ``--weights PATH``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from rclip_core import __version__
+from rclip_core.errors import InputError, OfflineError, RuntimeFailure, WeightsError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "rclip"
+
+
+@dataclass
+class WeightsFile:
+    """Tensors and metadata read from a weights file of any supported format."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    container: str = "safetensors"  # safetensors | pickle | torchscript
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+                     ) -> Path:
+    """Write tensors + rclip metadata atomically (no partial file on failure)."""
+    from safetensors.torch import save_file
+
+    from rclip_core.fileio import atomic_write
+
+    meta = {"format": "rclip", "format_version": FORMAT_VERSION, "rclip_version": __version__, **metadata}
+    # safetensors needs contiguous tensors that do not share memory
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda p: save_file(clean, str(p), metadata={METADATA_KEY: json.dumps(meta)}))
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < (1 << 30) and head[8:9] == b"{"
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()[:200])
+
+
+def read_weights(path: str | os.PathLike) -> WeightsFile:
+    """Read any supported weights file into flat tensors. Never executes pickled code."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"weights file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"weights path {p} is a directory, expected a file")
+    if p.stat().st_size == 0:
+        raise WeightsError(f"weights file {p} is empty")
+    if _is_safetensors(p):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(p))
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                raw = (f.metadata() or {}).get(METADATA_KEY)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"weights file {p} is corrupt: {' '.join(str(e).split())}") from None
+        meta = json.loads(raw) if raw else {}
+        return WeightsFile(p, tensors, meta, "safetensors")
+    if _is_torchscript(p):
+        try:
+            module = torch.jit.load(str(p), map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"cannot read TorchScript weights {p}: {' '.join(str(e).split())}") from None
+        return WeightsFile(p, {k: v for k, v in module.state_dict().items()}, {}, "torchscript")
+    obj = safe_torch_load(p)
+    return WeightsFile(p, flatten_checkpoint(obj, p), {}, "pickle")
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors. A file that needs arbitrary code
+    to unpickle is refused (it could run anything)."""
+    p = Path(path)
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise WeightsError(
+                f"refusing to load {p}: the file contains pickled objects that would run code",
+                "convert it on a trusted machine with `rclip weights convert --trust` or save a plain state_dict",
+            ) from None
+        raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as e:
+        raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint "
+                           f"({' '.join(str(e).split())[:160]})") from None
+
+
+def flatten_checkpoint(obj: Any, path: Path | str = "") -> dict[str, torch.Tensor]:
+    """Detectron2 ``{"model": sd, ...}``, ``{"state_dict": sd}``, a bare state_dict, or a bare
+    tensor (embedding files) -> flat ``{name: tensor}``. ``module.`` prefixes are stripped."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": obj}
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state_dict")
+    for key in ("model", "state_dict", "model_state"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # Detectron2 files may carry non-tensor metadata (iteration, __author__)
+        k = str(k)
+        if k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    if not out:
+        raise WeightsError(f"weights file {path} contains no tensors")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Downloads
+# ------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RCLIP_CACHE", Path.home() / ".cache" / "rclip"))
+
+
+def network_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Cheap check that the host of ``url`` accepts TCP connections within ``timeout`` s."""
+    if os.environ.get("RCLIP_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    u = urllib.parse.urlparse(url)
+    if u.scheme == "file":
+        return True
+    host = u.hostname
+    port = u.port or (443 if u.scheme == "https" else 80)
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
+             progress: Callable[[int, int | None], None] | None = None, timeout: float = 20.0) -> Path:
+    """Download ``url`` to ``dest`` (atomically), checking ``sha256`` if given.
+
+    ``progress(bytes_done, total_or_None)`` is called as data arrives. An existing file with
+    the right checksum is reused. Offline: OfflineError within ~``3 s``.
+    """
+    dest = Path(dest)
+    if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256):
+        return dest
+    if not network_reachable(url):
+        raise OfflineError(f"cannot download {url}: no network connection",
+                           "download the file elsewhere and pass it with --weights PATH")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as src, open(tmp, "wb") as out:
+            total = src.headers.get("Content-Length")
+            total_i = int(total) if total and total.isdigit() else None
+            done = 0
+            while True:
+                buf = src.read(1 << 20)
+                if not buf:
+                    break
+                out.write(buf)
+                h.update(buf)
+                done += len(buf)
+                if progress:
+                    progress(done, total_i)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OfflineError(f"download of {url} failed: {' '.join(str(e).split())}",
+                           "check the connection, or pass a local file with --weights PATH") from None
+    if sha256 and h.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeFailure(f"checksum mismatch for {url}: got {h.hexdigest()[:16]}..., expected {sha256[:16]}...",
+                             "the download is corrupt or the file changed upstream; try again")
+    os.replace(tmp, dest)
+    return dest
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    from rclip_core.fileio import sha256_file
+
+    return sha256_file(path)
