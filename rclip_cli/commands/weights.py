@@ -1,0 +1,519 @@
+"""``rclip weights``: list the named models, inspect any weights file, convert official /
+open_clip checkpoints to rclip's safetensors, and download named models with their checksum."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rclip_cli._common import console, err_console, rclip_command
+from rclip_core.errors import InputError
+
+MB = 1e6
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def weights() -> None:
+    """Inspect, convert and download model weights.
+
+    \b
+    Examples:
+      rclip weights list
+      rclip weights info regionclip_pretrained-cc_rn50.pth
+      rclip weights info model.safetensors --json
+      rclip weights convert regionclip_finetuned-coco_rn50.pth coco_rn50.safetensors
+      rclip weights download regionclip-rn50-cc --out checkpoints/
+    """
+
+
+# ------------------------------------------------------------------------------------------
+# list
+# ------------------------------------------------------------------------------------------
+
+def _cached_path(model: Any) -> Path:
+    from rclip_core.weights.io import cache_dir
+
+    return cache_dir() / "models" / Path(model.file).name
+
+
+def _is_cached(model: Any) -> bool:
+    # Size only: hashing every cached file (up to 1.4 GB) would make `list` slow; `download`
+    # verifies the checksum before it reuses a file.
+    p = _cached_path(model)
+    return p.is_file() and p.stat().st_size == model.size
+
+
+@rclip_command("list", short_help="Table of the named models (kind, architecture, size, cached).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(as_json: bool, debug: bool) -> None:
+    """List the named models that `rclip weights download NAME` and `--model NAME` know.
+
+    Sizes are those of the official files; "cached" means the file is in the rclip cache
+    ($RCLIP_CACHE, default ~/.cache/rclip, under models/).
+
+    \b
+    Examples:
+      rclip weights list
+      rclip weights list --json
+    """
+    from rich.table import Table
+
+    from rclip_core.models.registry import list_named_models
+
+    models = list_named_models()
+    if as_json:
+        click.echo(json.dumps([{"name": m.name, "kind": m.kind, "architecture": m.architecture or None,
+                                "size_bytes": m.size, "sha256": m.sha256, "url": m.url, "cached": _is_cached(m),
+                                "description": m.description} for m in models], indent=1))
+        return
+    from rich import box
+    from rich.console import Console
+
+    # Piped output has no width limit to respect: print the full table instead of rich's
+    # 80-column default (which would cut the names). A narrow terminal drops the descriptions.
+    out = console if console.is_terminal else Console(width=200, highlight=False)
+    with_description = out.width >= 120
+    table = Table(title=f"{len(models)} named models", box=box.SIMPLE_HEAD, show_lines=False)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("architecture", no_wrap=True)
+    table.add_column("size MB", justify="right", no_wrap=True)
+    table.add_column("cached", no_wrap=True)
+    if with_description:
+        table.add_column("description", overflow="fold")
+    for m in models:
+        row = [m.name, m.kind, m.architecture or "-", f"{m.size / MB:.1f}", "[green]yes[/]" if _is_cached(m) else "no"]
+        table.add_row(*row, *([m.description] if with_description else []))
+    out.print(table)
+    out.print("[dim]download one with: rclip weights download NAME"
+              + ("" if with_description else "; --json shows the descriptions") + "[/]")
+
+
+# ------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------
+
+def _count(tensors: dict) -> dict[str, int]:
+    return {"tensors": len(tensors), "parameters": int(sum(int(t.numel()) for t in tensors.values()))}
+
+
+def _visual_arch(state: dict, prefix: str) -> dict[str, Any] | None:
+    from rclip_core.errors import WeightsError
+    from rclip_core.weights.official import infer_visual_config, known_architecture_name
+
+    try:
+        cfg = infer_visual_config(state, prefix=prefix)
+    except WeightsError:
+        return None
+    v = cfg["vision_cfg"]
+    grid = int(v["image_size"]) // 32
+    return {"name": known_architecture_name(cfg), "layers": list(v["layers"]), "width": int(v["width"]),
+            "embed_dim": int(cfg["embed_dim"]), "image_size": int(v["image_size"]), "attnpool_grid": grid,
+            "pooler_resolution": 2 * grid}
+
+
+def _rpn_kind(keys: list[str]) -> str:
+    from rclip_core.errors import WeightsError
+    from rclip_core.models.proposals import OfflineRPN
+
+    try:
+        return OfflineRPN.detect_kind(keys)
+    except WeightsError as e:
+        return f"unsupported ({e})"
+
+
+def _box_predictor_info(bp: dict) -> dict[str, Any]:
+    """Class counts from the Detectron2 box predictor tensors (spec 2.2)."""
+    out: dict[str, Any] = {}
+    if "cls_score.weight" in bp:
+        out["train_classes"] = int(bp["cls_score.weight"].shape[0])
+    if "test_cls_score.weight" in bp:
+        out["test_classes"] = int(bp["test_cls_score.weight"].shape[0])
+    if "bbox_pred.weight" in bp:
+        c = int(bp["bbox_pred.weight"].shape[0]) // 4
+        out["box_regression"] = "class-agnostic" if c == 1 else f"per class ({c})"
+    out["background_embedding"] = "cls_bg_score.weight" in bp
+    return out
+
+
+def _split_native(tensors: dict, meta: dict) -> tuple[dict[str, dict], list[str]]:
+    """An rclip safetensors file -> parts (same names as for foreign files) + unknown keys."""
+    from rclip_core.weights.official import TEXT_KEYS_EXACT, TEXT_KEYS_PREFIXES
+
+    parts: dict[str, dict] = {p: {} for p in ("visual", "text", "teacher", "rpn", "box_predictor", "mask_head",
+                                              "embeddings")}
+    unknown: list[str] = []
+    for k, v in tensors.items():
+        if k.startswith("visual."):
+            parts["visual"][k] = v
+        elif k.startswith(TEXT_KEYS_PREFIXES) or k in TEXT_KEYS_EXACT:
+            parts["text"][k] = v
+        elif k.startswith("teacher."):
+            parts["teacher"][k[len("teacher."):].removeprefix("visual.")] = v
+        elif k.startswith("rpn."):
+            parts["rpn"][k[len("rpn."):]] = v
+        elif k.startswith("box_predictor."):
+            parts["box_predictor"][k[len("box_predictor."):]] = v
+        elif k.startswith("mask_head."):
+            parts["mask_head"][k[len("mask_head."):]] = v
+        elif k in ("class_embeddings", "embeddings"):
+            parts["embeddings"][k] = v
+        else:
+            unknown.append(k)
+    return parts, unknown
+
+
+def describe_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything `rclip weights info` reports about a weights file, as plain JSON-able data.
+
+    Reads the file once (never executing pickled code). Raises InputError / WeightsError for
+    missing, unreadable or unrecognised files.
+    """
+    from rclip_core.weights.io import read_weights
+    from rclip_core.weights.official import convert_checkpoint
+
+    wf = read_weights(path)
+    meta = dict(wf.metadata)
+    native = meta.get("format") == "rclip"
+    if native:
+        parts, ignored = _split_native(wf.tensors, meta)
+        fmt = "rclip"
+        kind = meta.get("kind") or ("embeddings" if parts["embeddings"] and not parts["visual"] else "model")
+    else:
+        conv = convert_checkpoint(wf.tensors)
+        fmt = conv.source_format
+        parts = {
+            "visual": {k: v for k, v in conv.clip_state.items() if k.startswith("visual.")},
+            "text": {k: v for k, v in conv.clip_state.items() if not k.startswith("visual.")},
+            "teacher": conv.teacher_visual_state,
+            "rpn": conv.rpn_state,
+            "box_predictor": conv.box_predictor,
+            "mask_head": conv.mask_head,
+            "embeddings": {} if conv.embeddings is None else {"embeddings": conv.embeddings},
+        }
+        ignored = list(conv.ignored)
+        kind = {"embeddings": "embeddings", "rpn": "rpn", "oai_clip": "clip", "open_clip": "clip"}.get(fmt)
+        if kind is None:
+            kind = "detector" if conv.box_predictor else "regionclip"
+
+    info: dict[str, Any] = {
+        "path": str(wf.path),
+        "file_size_bytes": wf.path.stat().st_size,
+        "container": wf.container,
+        "format": fmt,
+        "kind": kind,
+        "architecture": _visual_arch(parts["visual"], "visual.") if parts["visual"] else None,
+        "text_tower": None,
+        "teacher": None,
+        "offline_rpn": None,
+        "box_predictor": None,
+        "mask_head": None,
+        "embeddings": None,
+        **_count(wf.tensors),
+        "parts": {name: _count(p) for name, p in parts.items() if p},
+        "ignored_keys": sorted(ignored),
+    }
+    if native:
+        info["rclip_metadata"] = {k: meta[k] for k in ("format_version", "rclip_version", "kind") if k in meta}
+        arch_meta = meta.get("architecture")
+        arch_name = arch_meta.get("name") if isinstance(arch_meta, dict) else arch_meta
+        if info["architecture"] is not None and arch_name:
+            info["architecture"]["name"] = arch_name  # the name recorded at save time wins
+    text = parts["text"]
+    if "token_embedding.weight" in text:
+        from rclip_core.weights.official import infer_text_config
+
+        info["text_tower"] = infer_text_config(text)
+    if parts["teacher"]:
+        info["teacher"] = _visual_arch(parts["teacher"], "")
+    if parts["rpn"]:
+        info["offline_rpn"] = {"kind": _rpn_kind(list(parts["rpn"]))}
+    if parts["box_predictor"]:
+        info["box_predictor"] = _box_predictor_info(parts["box_predictor"])
+    if parts["mask_head"]:
+        mh = parts["mask_head"]
+        deconv = mh.get("deconv.weight")
+        info["mask_head"] = {"in_channels": int(deconv.shape[0]) if deconv is not None else None}
+    if parts["embeddings"]:
+        emb = next(iter(parts["embeddings"].values()))
+        emb2 = emb.unsqueeze(0) if emb.ndim == 1 else emb
+        names = meta.get("names") or meta.get("class_names") if native else None
+        info["embeddings"] = {"rows": int(emb2.shape[0]), "dim": int(emb2.shape[-1]),
+                              "names": list(names)[:5] if names else None,
+                              "normalised": bool(((emb2.float().norm(dim=-1) - 1).abs() < 1e-3).all())}
+    return info
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+
+
+def _arch_line(a: dict | None) -> str:
+    if not a:
+        return "-"
+    name = a.get("name") or "custom ResNet"
+    return (f"{name}: layers {a['layers']}, width {a['width']}, embed dim {a['embed_dim']}, "
+            f"input {a['image_size']} px, attnpool grid {a['attnpool_grid']}x{a['attnpool_grid']}, "
+            f"pooler resolution {a['pooler_resolution']}")
+
+
+def _render_info(info: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=escape(Path(info["path"]).name), show_header=False, show_lines=False)
+    t.add_column("field", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_row("format", f"{info['format']} ({info['container']}), kind {info['kind']}")
+    t.add_row("file size", f"{info['file_size_bytes'] / MB:.1f} MB")
+    t.add_row("architecture", escape(_arch_line(info["architecture"])))
+    tt = info["text_tower"]
+    t.add_row("text tower", "no" if not tt else
+              f"yes: {tt['layers']} layer{'s' if tt['layers'] != 1 else ''}, width {tt['width']}, "
+              f"context {tt['context_length']}")
+    t.add_row("teacher", "no" if info["teacher"] is None else "yes: " + escape(_arch_line(info["teacher"])))
+    t.add_row("offline RPN", "no" if not info["offline_rpn"] else f"yes: {escape(info['offline_rpn']['kind'])}")
+    bp = info["box_predictor"]
+    if bp:
+        bits = [f"{bp['train_classes']} training classes" if "train_classes" in bp else None,
+                f"{bp['test_classes']} test classes" if "test_classes" in bp else None,
+                f"{bp['box_regression']} box regression" if "box_regression" in bp else None]
+        t.add_row("box predictor", "yes: " + ", ".join(b for b in bits if b))
+    else:
+        t.add_row("box predictor", "no")
+    mh = info["mask_head"]
+    t.add_row("mask head", "no" if not mh else f"yes: {mh['in_channels']} input channels")
+    emb = info["embeddings"]
+    if emb:
+        s = f"{emb['rows']} x {emb['dim']}" + (" (L2-normalised)" if emb["normalised"] else " (unnormalised)")
+        if emb["names"]:
+            s += ", names: " + escape(", ".join(emb["names"])) + (", ..." if emb["rows"] > len(emb["names"]) else "")
+        t.add_row("embeddings", s)
+    t.add_row("tensors", f"{info['tensors']:,}")
+    t.add_row("parameters", _fmt_params(info["parameters"]))
+    t.add_row("parts", ", ".join(f"{k} {_fmt_params(v['parameters'])}" for k, v in info["parts"].items()) or "-")
+    ig = info["ignored_keys"]
+    t.add_row("ignored keys", "none" if not ig else
+              f"{len(ig)}: " + escape(", ".join(ig[:5])) + (", ..." if len(ig) > 5 else ""))
+    if "rclip_metadata" in info:
+        t.add_row("rclip metadata", escape(json.dumps(info["rclip_metadata"])))
+    console.print(t)
+
+
+@rclip_command("info", short_help="Format, architecture and contents of any weights file.")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info_cmd(path: str, as_json: bool, debug: bool) -> None:
+    """Describe a weights file: its format, the architecture read from tensor shapes, and what
+    it carries (text tower, teacher, offline RPN, box predictor, mask head, embeddings).
+
+    PATH can be an official RegionCLIP/Detectron2 .pth, an OpenAI/open_clip CLIP checkpoint,
+    an rpn_*.pth, an official *_emb.pth embedding file, or an rclip .safetensors. The file is
+    read with torch.load(weights_only=True): pickles that would run code are refused.
+
+    \b
+    Examples:
+      rclip weights info regionclip_finetuned-lvis_rn50.pth
+      rclip weights info coco_65_cls_emb.pth --json
+    """
+    info = describe_weights(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        _render_info(info)
+
+
+# ------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------
+
+def _check_output_file(out: Path) -> None:
+    """Refuse an unusable output path before any work (so nothing is left behind)."""
+    if out.is_dir():
+        raise InputError(f"output path {out} is a directory", "give a file name ending in .safetensors")
+    if out.suffix.lower() != ".safetensors":
+        raise InputError(f"output {out} must end in .safetensors", "e.g. rclip weights convert SRC model.safetensors")
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = parent
+    while not existing.exists():  # the nearest existing ancestor must be a writable directory
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: {existing} is not writable")
+
+
+@rclip_command("convert", short_help="Official / open_clip checkpoint -> rclip .safetensors.")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--rpn-weights", type=click.Path(),
+              help="Also store this offline RPN (an rpn_*.pth, or a checkpoint with offline_* keys).")
+@click.option("--trust", is_flag=True,
+              help="Load SRC even if its pickle would run code (Detectron2 files with config objects). "
+                   "Only for files from a source you trust: unpickling can execute anything.")
+def convert_cmd(src: str, out: Path, rpn_weights: str | None, trust: bool, debug: bool) -> None:
+    """Convert an official RegionCLIP / OpenAI / open_clip checkpoint SRC to an rclip
+    .safetensors file OUT (architecture in its metadata, loads without pickle).
+
+    Kept: the visual tower, the text tower and the offline RPN if SRC has them (or the RPN of
+    --rpn-weights), and a detector's box predictor. Not kept: the pretraining teacher and the
+    LVIS mask head (inference does not use them).
+
+    \b
+    Examples:
+      rclip weights convert regionclip_pretrained-cc_rn50.pth rn50_cc.safetensors
+      rclip weights convert regionclip_finetuned-coco_rn50.pth coco.safetensors --rpn-weights rpn_coco_48.pth
+    """
+    import tempfile
+
+    _check_output_file(out)
+    if rpn_weights is not None:
+        rp = Path(rpn_weights)
+        if not rp.exists():
+            raise InputError(f"RPN weights file not found: {rp}")
+        if rp.is_dir():
+            raise InputError(f"RPN weights path {rp} is a directory, expected a file")
+    if not trust:
+        _convert(src, src, out, rpn_weights)
+        return
+    with tempfile.TemporaryDirectory(prefix="rclip-convert-") as tmp:
+        _convert(src, _plain_copy(src, Path(tmp) / "plain.pth"), out, rpn_weights)
+
+
+def _plain_copy(src: str, dest: Path) -> str:
+    """``--trust``: unpickle SRC with code allowed and store its tensors as a plain state dict
+    (which the safe loader reads)."""
+    import torch
+
+    from rclip_core.errors import WeightsError
+    from rclip_core.weights.io import flatten_checkpoint
+
+    p = Path(src)
+    if not p.exists():
+        raise InputError(f"weights file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"weights path {p} is a directory, expected a file")
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 30):
+        return src  # safetensors: no pickle, nothing to trust
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file here
+        raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if isinstance(obj, torch.nn.Module):  # e.g. an OpenAI JIT archive
+        obj = obj.state_dict()
+    torch.save({"model": flatten_checkpoint(obj, p)}, dest)
+    return str(dest)
+
+
+def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> None:
+    """Convert ``readable`` (SRC itself, or its plain copy under --trust) and report on SRC."""
+    import gc
+
+    from rclip_core.models.regionclip import load_model, load_rpn_file
+
+    # Describe first: it validates SRC and says what the conversion will drop.
+    src_info = describe_weights(readable)
+    gc.collect()
+    if src_info["format"] == "embeddings" or src_info["kind"] == "embeddings":
+        raise InputError(f"{src} holds class embeddings, not a model", "embedding files need no conversion")
+    if src_info["format"] == "rpn":
+        raise InputError(f"{src} is an offline RPN checkpoint, not a CLIP model",
+                         "pass it as --rpn-weights together with a model SRC")
+    if src_info["offline_rpn"] and src_info["offline_rpn"]["kind"].startswith("unsupported") and not rpn_weights:
+        raise InputError(f"{src} carries an offline RPN rclip cannot run: {src_info['offline_rpn']['kind']}")
+    model = load_model(weights=readable, with_rpn=rpn_weights is None, device="cpu")
+    if rpn_weights is not None:
+        load_rpn_file(model, rpn_weights)
+    if src_info["format"] == "rclip":
+        kind = src_info.get("rclip_metadata", {}).get("kind", "regionclip")
+    elif src_info["format"] in ("oai_clip", "open_clip"):
+        kind = "clip"
+    else:
+        kind = "detector" if model.box_predictor else "regionclip"
+    extra = {"converted_from": Path(src).name, "source_format": src_info["format"]}
+    if rpn_weights is not None:
+        extra["rpn_source"] = Path(rpn_weights).name
+    written = model.save(out, kind=kind, include_text=True, extra=extra)
+
+    kept = [f"visual {model.arch.name}"]
+    if model.has_text:
+        kept.append("text tower")
+    if model.rpn is not None:
+        kept.append(f"offline RPN {model.info.rpn_kind}")
+    if model.box_predictor:
+        kept.append("box predictor")
+    dropped = []
+    if src_info["teacher"]:
+        dropped.append("teacher visual tower")
+    if src_info["mask_head"]:
+        dropped.append("mask head")
+    if src_info["offline_rpn"] and rpn_weights is not None:
+        dropped.append("SRC's own offline RPN (replaced by --rpn-weights)")
+    if src_info["ignored_keys"]:
+        dropped.append(f"{len(src_info['ignored_keys'])} unused keys")
+    size = written.stat().st_size / MB
+    console.print(f"[green]wrote[/] {written} ({size:.1f} MB, kind {kind}): " + ", ".join(kept),
+                  soft_wrap=True, highlight=False)
+    if dropped:
+        console.print("[dim]not kept: " + ", ".join(dropped) + "[/]", soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------
+# download
+# ------------------------------------------------------------------------------------------
+
+@rclip_command("download", short_help="Download a named model, checking its sha256.")
+@click.argument("name")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Directory to save into (default: the rclip cache, $RCLIP_CACHE or ~/.cache/rclip, under models/).")
+def download_cmd(name: str, out_dir: Path | None, debug: bool) -> None:
+    """Download the named model NAME (see `rclip weights list`), verifying its sha256.
+
+    A file already present with the right checksum is reused. Without a network connection the
+    command fails within seconds.
+
+    \b
+    Examples:
+      rclip weights download regionclip-rn50-cc
+      rclip weights download emb-coco-65-cls-emb --out checkpoints/
+    """
+    import difflib
+
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from rclip_core.models.registry import REGISTRY
+    from rclip_core.weights.io import download
+
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=3)
+        raise InputError(f"unknown model name {name!r}",
+                         ("did you mean " + ", ".join(close) + "? " if close else "") + "see `rclip weights list`")
+    m = REGISTRY[name]
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} exists and is not a directory")
+    dest = (out_dir if out_dir is not None else _cached_path(m).parent) / Path(m.file).name
+    already = dest.is_file() and dest.stat().st_size == m.size
+
+    show = console.is_terminal or os.environ.get("RCLIP_PROGRESS") == "1"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, disable=not show, transient=False) as prog:
+        task = prog.add_task(name, total=m.size)
+
+        def progress(done: int, total: int | None) -> None:
+            prog.update(task, completed=done, total=total or m.size)
+
+        path = download(m.url, dest, sha256=m.sha256, progress=progress)
+    verb = "already present" if already else "downloaded"
+    console.print(f"[green]{verb}[/] {path} ({m.size / MB:.1f} MB, sha256 verified)", soft_wrap=True, highlight=False)
+
+
+for _cmd in (list_cmd, info_cmd, convert_cmd, download_cmd):
+    weights.add_command(_cmd)
