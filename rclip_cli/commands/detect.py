@@ -71,18 +71,50 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
                          topk_labels=topk_labels, precision=precision)
     opts.validate()
     dev = resolve_device(device)
+    created = _first_missing(Path(out_dir))
     out = ensure_output_dir(out_dir)
-    model = resolve_model(kw, dev)
-    vocab, class_emb = resolve_vocabulary_and_embeddings(model, kw)
-    if opts.proposals == "rpn" and model.rpn is None and proposals == "auto":
-        raise InputError("no boxes to classify: these weights carry no offline RPN",
-                         "pass --boxes FILE, --rpn-weights rpn_lvis_866.pth, or --proposals random|grid")
-    run_detection(model, vocab, class_emb, opts, paths, given, out, save_embeddings, not no_images, batch_size)
+    try:
+        model = resolve_model(kw, dev)
+        vocab, class_emb = resolve_vocabulary_and_embeddings(model, kw)
+        if opts.proposals == "rpn" and model.rpn is None and proposals == "auto":
+            raise InputError("no boxes to classify: these weights carry no offline RPN",
+                             "pass --boxes FILE, --rpn-weights rpn_lvis_866.pth, or --proposals random|grid")
+        run_detection(model, vocab, class_emb, opts, paths, given, out, save_embeddings, not no_images, batch_size)
+    except BaseException:
+        _remove_empty_dirs(out, created)  # a failed run leaves nothing behind, not even --out
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None if it all exists)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_empty_dirs(out: Path, created: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``created`` while they are empty (os.rmdir never
+    removes a directory with files in it)."""
+    if created is None:
+        return
+    p = out
+    while True:
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
+        if p == created or p == p.parent:
+            return
+        p = p.parent
 
 
 def run_detection(model, vocab, class_emb, opts, paths, given, out: Path, save_embeddings: bool, draw: bool,
                   batch_size: int) -> None:
     import numpy as np
+    from rich.markup import escape
     from rich.table import Table
 
     from rclip_core.errors import InputError, RclipError
@@ -161,7 +193,7 @@ def run_detection(model, vocab, class_emb, opts, paths, given, out: Path, save_e
     if failures:
         err_console.print(f"[bold red]{len(failures)} image(s) failed:[/]")
         for p, e in failures:
-            err_console.print(f"  [red]{p}[/]: {e}", markup=True, highlight=False)
+            err_console.print(f"  [red]{escape(p)}[/]: {escape(e)}", markup=True, highlight=False, soft_wrap=True)
         raise SystemExit(2)
 
 

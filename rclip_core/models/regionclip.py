@@ -117,7 +117,11 @@ def _format_keys(keys: list[str], n: int = 6) -> str:
 
 def load_clip_state(model: RegionCLIP, state: dict[str, torch.Tensor], require_text: bool = False) -> bool:
     """Load open_clip-named tensors strictly. Returns whether the text tower was loaded."""
+    # BatchNorm step counters (open_clip / OpenAI files) carry no weights; FrozenBN has none.
+    state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
     expected = model.clip.state_dict()
+    # A file that carries part of a text tower does not fit either: never drop it silently.
+    require_text = require_text or any(not k.startswith("visual.") and k not in OPTIONAL_KEYS for k in state)
     missing = [k for k in expected if k not in state and k not in OPTIONAL_KEYS]
     unexpected = [k for k in state if k not in expected]
     text_missing = [k for k in missing if not k.startswith("visual.")]
@@ -155,7 +159,9 @@ def _arch_from_checkpoint(conv: ConvertedCheckpoint, requested: str | None) -> A
     full = {"embed_dim": cfg["embed_dim"], "quick_gelu": True, "vision_cfg": cfg["vision_cfg"], "text_cfg": text}
     if name:
         known = get_architecture(name)
-        if dict(known.text_cfg) == text:
+        # The head count is not stored in any tensor shape: match on everything else.
+        if {k: v for k, v in dict(known.text_cfg).items() if k != "heads"} == \
+                {k: v for k, v in text.items() if k != "heads"}:
             full = dict(known.config)
     arch = Architecture(name=name or "custom-resnet", config=full)
     if requested:
@@ -176,11 +182,16 @@ def load_model(weights: str | os.PathLike | None = None, model: str | None = Non
     """Build a :class:`RegionCLIP` from one of the sources listed in the module docstring."""
     if weights is None and model is None:
         raise InputError("no model given", "pass --weights PATH, or --model NAME with --pretrained TAG")
+    from rclip_core.models.registry import REGISTRY
+
+    # A named model (regionclip-rn50-cc, ...) stands for its architecture when checking a file.
+    named = REGISTRY.get(model) if model else None
+    requested = (named.architecture or None) if named else model
     if weights is not None:
         wf = read_weights(weights)
-        m = _from_weights_file(wf, requested=model, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
+        m = _from_weights_file(wf, requested=requested, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
     elif random_init:
-        arch = get_architecture(model)
+        arch = get_architecture(requested or model)
         torch.manual_seed(seed)
         m = RegionCLIP(arch, with_text=True, fast_attnpool=fast_attnpool)
         m.info = ModelInfo(source=f"random:{arch.name}", source_format="random", text_loaded=True,
@@ -190,8 +201,9 @@ def load_model(weights: str | os.PathLike | None = None, model: str | None = Non
 
         path = resolve_pretrained(model, pretrained, progress=download_progress)
         wf = read_weights(path)
-        m = _from_weights_file(wf, requested=model, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
-        m.info.source = f"open_clip:{get_architecture(model).name}/{pretrained or 'openai'}"
+        m = _from_weights_file(wf, requested=requested, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
+        m.info.source = (f"named:{model}" if named else
+                         f"open_clip:{get_architecture(model).name}/{pretrained or 'openai'}")
     m.eval()
     return m.to(device)
 
@@ -202,6 +214,9 @@ def _from_weights_file(wf: WeightsFile, requested: str | None, fast_attnpool: bo
         if meta.get("kind") == "embeddings":
             raise WeightsError(f"{wf.path} holds class embeddings, not a model",
                                "pass it with --class-embeddings and give the model with --weights")
+        if "architecture" not in meta:  # e.g. the region embeddings `rclip detect` writes
+            raise WeightsError(f"{wf.path} is an rclip {meta.get('kind', 'data')} file, not a model",
+                               "pass a model file with --weights")
         arch = get_architecture(meta["architecture"])
         if requested:
             req = get_architecture(requested)

@@ -21,6 +21,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,9 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
 
             with safe_open(str(p), "pt") as f:
                 raw = (f.metadata() or {}).get(METADATA_KEY)
+            meta = json.loads(raw) if raw else {}
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"weights file {p} is corrupt: {' '.join(str(e).split())}") from None
-        meta = json.loads(raw) if raw else {}
         return WeightsFile(p, tensors, meta, "safetensors")
     if _is_torchscript(p):
         try:
@@ -112,18 +113,25 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     to unpickle is refused (it could run anything)."""
     p = Path(path)
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # e.g. "Detected pickle protocol 4": the failure below says all that matters
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        # Only a pickle that names a callable (GLOBAL / REDUCE of a non-allowlisted object)
+        # could run code; any other unpickler failure (random bytes, unsupported opcodes)
+        # is a corrupt or foreign file.
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise WeightsError(
                 f"refusing to load {p}: the file contains pickled objects that would run code",
                 "convert it on a trusted machine with `rclip weights convert --trust` or save a plain state_dict",
             ) from None
         raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a garbage file can fail anywhere in the legacy unpickler
         raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint "
-                           f"({' '.join(str(e).split())[:160]})") from None
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 
 
 def flatten_checkpoint(obj: Any, path: Path | str = "") -> dict[str, torch.Tensor]:
@@ -160,11 +168,11 @@ def cache_dir() -> Path:
 
 def network_reachable(url: str, timeout: float = 3.0) -> bool:
     """Cheap check that the host of ``url`` accepts TCP connections within ``timeout`` s."""
+    u = urllib.parse.urlparse(url)
+    if u.scheme == "file":  # a local mirror needs no network, also when offline is forced
+        return True
     if os.environ.get("RCLIP_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return False
-    u = urllib.parse.urlparse(url)
-    if u.scheme == "file":
-        return True
     host = u.hostname
     port = u.port or (443 if u.scheme == "https" else 80)
     if not host:

@@ -163,7 +163,7 @@ def infer_text_config(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     ctx = state["positional_embedding"].shape[0]
     n_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
     return {"context_length": int(ctx), "vocab_size": int(vocab), "width": int(width),
-            "heads": int(width) // 64, "layers": n_layers}
+            "heads": max(1, int(width) // 64), "layers": n_layers}
 
 
 def known_architecture_name(config: dict[str, Any]) -> str | None:
