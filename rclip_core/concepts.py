@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from rclip_core.errors import InputError, RclipError
+from rclip_core.fileio import read_text
 from rclip_core.fileio import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -487,16 +488,7 @@ def read_concept_pool(path: str | os.PathLike, with_counts: bool = False
     ``None`` on lines without one). Blank lines are ignored.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"concept pool not found: {p}")
-    if p.is_dir():
-        raise InputError(f"concept pool {p} is a directory, expected a text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"concept pool {p} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read concept pool {p}: {e.strerror or e}") from None
+    text = read_text(p, "concept pool")
     out: list[tuple[str, int | None]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()

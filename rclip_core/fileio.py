@@ -79,6 +79,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """Read a UTF-8 text file, turning every failure into a one-line InputError naming ``what``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a directory, expected a text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON, turning every failure into a one-line InputError."""
     p = Path(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rclip_core.errors import InputError
+from rclip_core.fileio import read_text
 
 __all__ = [
     "Vocabulary",
@@ -213,16 +214,7 @@ def read_classes_file(path: str | os.PathLike) -> Vocabulary:
     name therefore cannot contain a comma. The vocabulary is named after the file stem.
     """
     p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"class file not found: {p}")
-    if p.is_dir():
-        raise InputError(f"class file {p} is a directory, expected a text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"class file {p} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read class file {p}: {e.strerror or e}") from None
+    text = read_text(p, "class file")
     entries: list[tuple[str, str]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()

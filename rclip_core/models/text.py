@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rclip_core.data.vocab import clean_lvis_name
 from rclip_core.errors import InputError
-from rclip_core.fileio import atomic_write
+from rclip_core.fileio import atomic_write, read_text
 
 __all__ = [
     "TEMPLATE_SETS",
@@ -83,14 +83,7 @@ def _check_templates(templates: Sequence[object], source: str) -> list[str]:
 
 
 def _read_template_file(path: Path) -> list[str]:
-    if path.is_dir():
-        raise InputError(f"template file {path} is a directory, expected a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"template file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"cannot read template file {path}: {e.strerror or e}") from None
+    text = read_text(path, "template file")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
