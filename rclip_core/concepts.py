@@ -65,8 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from rclip_core.errors import InputError, RclipError
-from rclip_core.fileio import read_text
-from rclip_core.fileio import atomic_write_text
+from rclip_core.fileio import atomic_write_text, read_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from spacy.language import Language
