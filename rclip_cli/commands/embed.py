@@ -1,0 +1,192 @@
+"""``rclip embed``: class / concept names -> prompt-ensemble text embeddings, written as an rclip
+safetensors file (names inside) or as the official float32 [N, D] ``.pth`` (spec 2.4)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from rclip_cli._common import console, device_option, progress_bar, rclip_command
+
+FORMATS = ("rclip", "official")
+_OFFICIAL_SUFFIXES = (".pth", ".pt")
+
+
+def resolve_names(names_or_pool: str | None, vocabulary: str | None):
+    """NAMES_OR_POOL (a class / concept-pool file, or a comma-separated list) or --vocabulary ->
+    a Vocabulary. Files: one name per line, only the part before the first comma counts, so
+    ``noun,count`` pools (coco_nouns_4764.txt) load as they are."""
+    from rclip_core.data.vocab import get_vocabulary, parse_classes, read_classes_file
+    from rclip_core.errors import InputError
+
+    if names_or_pool and vocabulary:
+        raise InputError("give either NAMES_OR_POOL or --vocabulary, not both")
+    if vocabulary:
+        return get_vocabulary(vocabulary)
+    if not names_or_pool or not names_or_pool.strip():
+        raise InputError("no names given",
+                         'pass a class / concept-pool file, a list such as "kite,boy", or --vocabulary coco')
+    p = Path(names_or_pool).expanduser()
+    if p.exists():
+        return read_classes_file(p)
+    if "," not in names_or_pool and (os.sep in names_or_pool or p.suffix.lower() in (".txt", ".csv", ".json")):
+        raise InputError(f"names file not found: {names_or_pool}",
+                         "check the path (a comma-separated list of names is also accepted)")
+    return parse_classes(names_or_pool)
+
+
+def output_format(out: str, fmt: str | None) -> str:
+    """--format, or from the file name (.pth / .pt = official, else rclip); a contradiction is
+    refused so that a .pth never holds safetensors bytes and vice versa."""
+    from rclip_core.errors import InputError
+
+    official_name = Path(out).suffix.lower() in _OFFICIAL_SUFFIXES
+    if fmt is None:
+        return "official" if official_name else "rclip"
+    if fmt == "official" and Path(out).suffix.lower() == ".safetensors":
+        raise InputError("--format official writes a torch .pth file, but --out ends in .safetensors",
+                         "name it e.g. coco_80_cls_emb.pth, or use --format rclip")
+    if fmt == "rclip" and official_name:
+        raise InputError(f"--format rclip writes safetensors, but --out ends in {Path(out).suffix}",
+                         "name it e.g. classes.safetensors, or use --format official")
+    return fmt
+
+
+def save_official_embeddings(path: str | os.PathLike, emb, squeeze: bool = False) -> Path:
+    """``torch.save`` of a contiguous float32 [N, D] tensor (``[D]`` for N = 1 with ``squeeze``,
+    as the main-branch ``extract_concept_features.py``), written atomically."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    t = emb.detach().to("cpu", torch.float32).contiguous().clone()
+    if squeeze and t.shape[0] == 1:
+        t = t[0].clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torch.save names the zip's inner folder after the file: save under the final name in a
+    # temporary folder beside it (so the file equals a plain torch.save), then move it in place.
+    tmp = Path(tempfile.mkdtemp(prefix=".rclip-embed-", dir=path.parent))
+    try:
+        torch.save(t, str(tmp / path.name))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check_out_file(out: str) -> Path:
+    from rclip_core.errors import InputError
+
+    p = Path(out)
+    if p.is_dir():
+        raise InputError(f"--out {p} is a directory, expected a file name", "e.g. --out classes.safetensors")
+    ancestor = p.parent if str(p.parent) else Path(".")
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write --out {p}: {ancestor} is not a writable directory", "choose another --out")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"cannot write --out {p}: the file is read-only", "choose another --out")
+    return p
+
+
+@rclip_command("embed", short_help="Embed class / concept names with prompt templates.")
+@click.argument("names_or_pool", required=False, metavar="NAMES_OR_POOL")
+@click.option("--vocabulary", help="Built-in list instead: coco, coco-ovd, coco-ovd-base, coco-ovd-novel, lvis, "
+                                   "lvis-base, coco-nouns, googlecc-nouns.")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Weights with a text tower: an OpenAI / open_clip CLIP checkpoint, the teacher "
+                   "*_OAI_CLIP.pth, or an rclip .safetensors.")
+@click.option("--model", "model_name", help="Architecture or named model (RN50-quickgelu, shapes-tiny, ...).")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag for --model (default openai).")
+@click.option("--random-init", is_flag=True, help="Random (UNTRAINED) weights for --model: smoke tests only.")
+@click.option("--templates", default="clip81", show_default=True,
+              help="Prompt templates: clip81 (the 81-template ensemble), single, or a file.")
+@click.option("--average", type=click.Choice(["raw", "normalized"]), default="raw", show_default=True,
+              help="raw = mean of raw vectors (the released files); normalized = normalise, average, renormalise.")
+@click.option("--out", "-o", required=True, help="Output file (.safetensors = rclip format, .pth = official).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="rclip: safetensors with names and settings inside; official: torch float32 [N, D] .pth "
+                   "[default: from the --out suffix].")
+@click.option("--squeeze", is_flag=True, help="Official format, one name: write [D] like the official tool "
+                                              "(default keeps [1, D]).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompts per forward.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the text-embedding cache.")
+@device_option
+def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_init, templates, average, out, fmt,
+          squeeze, batch_size, no_cache, device, debug):
+    """Embed class or concept names with a CLIP text tower and a prompt ensemble (spec 2.4).
+
+    NAMES_OR_POOL is a class list / concept pool file (one name per line; `noun,count` pools
+    such as coco_nouns_4764.txt work as they are) or a comma-separated list. Each name fills
+    every template; the prompt vectors are averaged (unnormalised, like the released
+    *_cls_emb.pth files). The rclip format keeps the names, templates and model inside; the
+    official format is the bare float32 [N, D] tensor the official code and `rclip detect
+    --class-embeddings` read.
+
+    \b
+    Examples:
+      rclip embed coco_nouns_4764.txt --model RN50-quickgelu --out coco_nouns_4764_emb.pth
+      rclip embed --vocabulary coco-ovd --weights teacher.safetensors --out coco_65.safetensors
+      rclip embed "kite,boy,surfboard" --model RN50-quickgelu --templates single --out mine.safetensors
+    """
+    from rich.table import Table
+
+    from rclip_core.device import resolve_device
+    from rclip_core.errors import InputError
+    from rclip_core.models.text import EmbeddingCache, class_embeddings, get_tokenizer, load_templates
+
+    vocab = resolve_names(names_or_pool, vocabulary)
+    form = output_format(out, fmt)
+    if squeeze and form != "official":
+        raise InputError("--squeeze applies to --format official only")
+    out_path = _check_out_file(out)
+    tmpl = load_templates(templates)
+    dev = resolve_device(device)
+    if weights and random_init:
+        raise InputError("--random-init and --weights exclude each other")
+    from rclip_cli._model_options import resolve_model
+
+    model = resolve_model({"weights": weights, "model_name": model_name, "pretrained": pretrained,
+                           "random_init": random_init}, dev)
+    if not model.has_text:
+        raise InputError(f"{weights or model_name} has no text encoder, so names cannot be embedded",
+                         "use CLIP weights with a text tower (e.g. --model RN50-quickgelu, or the teacher "
+                         "*_OAI_CLIP.pth)")
+    cache = None if (no_cache or model.info.source_format == "random") else EmbeddingCache()
+    names = list(vocab.names)
+    with progress_bar("embedding", total=len(names), unit="names") as advance:
+        emb = class_embeddings(model.clip, get_tokenizer(model.arch.context_length), names, templates=tmpl,
+                               average=average, batch_size=batch_size, progress=advance, cache=cache,
+                               model_id=model.identity() if cache else None)
+    if form == "official":
+        save_official_embeddings(out_path, emb, squeeze)
+    else:
+        from rclip_core.weights.io import save_safetensors
+
+        meta = {"kind": "embeddings", "names": names, "templates": templates if templates in ("clip81", "single")
+                else tmpl, "average": average, "model": model.info.source, "architecture": model.arch.name,
+                "embed_dim": int(emb.shape[1])}
+        if vocabulary:
+            meta.update({"vocabulary": vocab.name, "display_names": list(vocab.display_names),
+                         "category_ids": list(vocab.category_ids)})
+        save_safetensors(out_path, {"embeddings": emb}, meta)
+    norms = emb.norm(dim=1)
+    table = Table(title=f"rclip embed: {len(names)} names", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value")
+    squeezed = " (saved as [D])" if squeeze and len(names) == 1 else ""
+    table.add_row("shape", f"[{emb.shape[0]}, {emb.shape[1]}]{squeezed}")
+    named = templates in ("clip81", "single")
+    table.add_row("templates", f"{templates} ({len(tmpl)})" if named else f"{len(tmpl)} from {templates}")
+    table.add_row("averaging", average + (" (unnormalised rows)" if average == "raw" else " (unit rows)"))
+    table.add_row("row norms", f"{float(norms.min()):.3f} .. {float(norms.max()):.3f}")
+    table.add_row("model", f"{model.info.source} ({model.arch.name})")
+    console.print(table)
+    console.print(f"wrote {out_path} ({form} format" + (", names inside)" if form == "rclip" else
+                                                         "; row i = name i of the input)"))
