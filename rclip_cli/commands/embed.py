@@ -54,30 +54,6 @@ def output_format(out: str, fmt: str | None) -> str:
     return fmt
 
 
-def save_official_embeddings(path: str | os.PathLike, emb, squeeze: bool = False) -> Path:
-    """``torch.save`` of a contiguous float32 [N, D] tensor (``[D]`` for N = 1 with ``squeeze``,
-    as the main-branch ``extract_concept_features.py``), written atomically."""
-    import shutil
-    import tempfile
-
-    import torch
-
-    path = Path(path)
-    t = emb.detach().to("cpu", torch.float32).contiguous().clone()
-    if squeeze and t.shape[0] == 1:
-        t = t[0].clone()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch.save names the zip's inner folder after the file: save under the final name in a
-    # temporary folder beside it (so the file equals a plain torch.save), then move it in place.
-    tmp = Path(tempfile.mkdtemp(prefix=".rclip-embed-", dir=path.parent))
-    try:
-        torch.save(t, str(tmp / path.name))
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def _check_out_file(out: str) -> Path:
     from rclip_core.errors import InputError
 
@@ -165,6 +141,8 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
                                average=average, batch_size=batch_size, progress=advance, cache=cache,
                                model_id=model.identity() if cache else None)
     if form == "official":
+        from rclip_core.weights.io import save_official_embeddings
+
         save_official_embeddings(out_path, emb, squeeze)
     else:
         from rclip_core.weights.io import save_safetensors
