@@ -121,38 +121,86 @@ class ZeroShotPipeline:
 
     # -- one image -----------------------------------------------------------------------------
     def run(self, prep: PreparedImage, path: str, given: np.ndarray | None = None) -> ImageResult:
+        """One image: proposals (or the ``given`` XYXY boxes in original pixels) -> region
+        embeddings -> detections in original pixels."""
+        return self.run_batch([(prep, path, given)])[0]
+
+    # -- several images ------------------------------------------------------------------------
+    def run_batch(self, items: Sequence[tuple[PreparedImage, str, np.ndarray | None]]) -> list[ImageResult]:
+        """Several images, each ``(image, path, given boxes or None)``; results in input order.
+
+        Images whose resized sizes are equal share one trunk call (and one RPN call), which is
+        what makes batching pay on a GPU. Images of different sizes are never padded into one
+        batch: padding would change the features near the bottom/right border, and the
+        official test loader runs one image at a time, so each result equals :meth:`run` on
+        that image alone (up to floating-point summation order).
+        """
         import time
 
-        t0 = time.perf_counter()
-        boxes, logits, boxes_orig = self.proposals(prep, given)
-        t1 = time.perf_counter()
+        results: list[ImageResult | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (prep, _, _) in enumerate(items):
+            groups.setdefault(tuple(prep.size), []).append(i)
         enc = self.model.encoder
-        with torch.inference_mode(), autocast_context(self.device, self.options.precision):
-            res4 = enc.trunk(enc.batch_images([prep.tensor]))
-            t2 = time.perf_counter()
-            emb = enc.forward_features(res4, [boxes.to(self.device)], chunk_size=self.options.chunk_size).float()
-        t3 = time.perf_counter()
-        if self.class_embeddings is not None and emb.shape[0] > 0:
-            probs = region_class_probs(emb, self.class_embeddings, keep_background=True)
-            o = self.options
-            fusion = o.fusion if logits is not None else "none"
-            dets = postprocess_detections(boxes.to(self.device), probs, prep.size, logits, fusion,
-                                          o.score_thresh, o.nms_thresh, o.max_dets, o.topk_labels)
-            dets.boxes = boxes_to_original(dets.boxes.cpu(), prep)
-            nonempty = (dets.boxes[:, 2] > dets.boxes[:, 0]) & (dets.boxes[:, 3] > dets.boxes[:, 1])
-            if not bool(nonempty.all()):
-                dets = Detections(dets.boxes[nonempty], dets.scores[nonempty.to(dets.scores.device)],
-                                  dets.classes[nonempty.to(dets.classes.device)],
-                                  dets.box_index[nonempty.to(dets.box_index.device)], dets.probs[nonempty.to(dets.probs.device)])
-        else:
+        for idx in groups.values():
+            t0 = time.perf_counter()
+            props = self._proposals_batch([items[i][0] for i in idx], [items[i][2] for i in idx])
+            t1 = time.perf_counter()
+            with torch.inference_mode(), autocast_context(self.device, self.options.precision):
+                res4 = enc.trunk(enc.batch_images([items[i][0].tensor for i in idx]))
+                t2 = time.perf_counter()
+                emb = enc.forward_features(res4, [p[0].to(self.device) for p in props],
+                                           chunk_size=self.options.chunk_size).float()
+            t3 = time.perf_counter()
+            per_image = emb.split([int(p[0].shape[0]) for p in props])
+            share = 1.0 / len(idx)  # a batch's time, shared evenly, so per-image timings still add up
+            for i, (boxes, logits, boxes_orig), e in zip(idx, props, per_image):
+                prep, path, _ = items[i]
+                t4 = time.perf_counter()
+                dets = self._detections(prep, boxes, logits, e)
+                post = time.perf_counter() - t4
+                results[i] = ImageResult(path=path, orig_size=prep.orig_size, boxes=boxes_orig,
+                                         embeddings=e.cpu(), detections=dets,
+                                         objectness=None if logits is None else logits.cpu(),
+                                         timings={"proposals": (t1 - t0) * share, "trunk": (t2 - t1) * share,
+                                                  "head": (t3 - t2) * share, "post": post})
+        return results  # type: ignore[return-value]
+
+    def _proposals_batch(self, preps: Sequence[PreparedImage], givens: Sequence[np.ndarray | None]
+                         ) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """:meth:`proposals` for images of one size; the RPN runs once for all that need it."""
+        out: list[tuple[Tensor, Tensor | None, Tensor] | None] = [None] * len(preps)
+        rpn_idx = [i for i, g in enumerate(givens) if g is None and self.options.proposals == "rpn"]
+        if rpn_idx:
+            with torch.inference_mode():
+                rpn_out = self.model.rpn([preps[i].tensor.to(self.device) for i in rpn_idx])
+            for i, item in zip(rpn_idx, rpn_out):
+                boxes, logits = _unpack_rpn([item])
+                out[i] = (boxes.float(), logits.float(), boxes_to_original(boxes.float(), preps[i]))
+        for i, (prep, given) in enumerate(zip(preps, givens)):
+            if out[i] is None:
+                out[i] = self.proposals(prep, given)
+        return out  # type: ignore[return-value]
+
+    def _detections(self, prep: PreparedImage, boxes: Tensor, logits: Tensor | None, emb: Tensor
+                    ) -> Detections:
+        """Classify one image's region embeddings [N, D] and post-process (spec 5.1-5.3);
+        boxes come back in original pixels, on the CPU."""
+        if self.class_embeddings is None or emb.shape[0] == 0:
             z = torch.zeros(0)
-            dets = Detections(torch.zeros(0, 4), z, z.long(), z.long(), z)
-        t4 = time.perf_counter()
-        return ImageResult(path=path, orig_size=prep.orig_size, boxes=boxes_orig, embeddings=emb.cpu(),
-                           detections=Detections(dets.boxes.cpu(), dets.scores.cpu(), dets.classes.cpu(),
-                                                 dets.box_index.cpu(), dets.probs.cpu()),
-                           objectness=None if logits is None else logits.cpu(),
-                           timings={"proposals": t1 - t0, "trunk": t2 - t1, "head": t3 - t2, "post": t4 - t3})
+            return Detections(torch.zeros(0, 4), z, z.long(), z.long(), z)
+        probs = region_class_probs(emb, self.class_embeddings, keep_background=True)
+        o = self.options
+        fusion = o.fusion if logits is not None else "none"
+        dets = postprocess_detections(boxes.to(self.device), probs, prep.size, logits, fusion,
+                                      o.score_thresh, o.nms_thresh, o.max_dets, o.topk_labels)
+        dets = Detections(boxes_to_original(dets.boxes.cpu(), prep), dets.scores.cpu(), dets.classes.cpu(),
+                          dets.box_index.cpu(), dets.probs.cpu())
+        nonempty = (dets.boxes[:, 2] > dets.boxes[:, 0]) & (dets.boxes[:, 3] > dets.boxes[:, 1])
+        if not bool(nonempty.all()):
+            dets = Detections(dets.boxes[nonempty], dets.scores[nonempty], dets.classes[nonempty],
+                              dets.box_index[nonempty], dets.probs[nonempty])
+        return dets
 
 
 def _unpack_rpn(out) -> tuple[Tensor, Tensor]:
@@ -186,6 +234,54 @@ def prefetch_images(paths: Sequence[str], short: int, max_size: int, workers: in
             except RclipError as e:
                 yield p, None, e
             futures[i] = None  # free memory
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded and resized (spec 1.5) in DataLoader workers.
+
+    Item ``i`` is ``(i, PreparedImage or None, error message or None)``: a corrupt or missing
+    file is reported, not raised, so one bad image does not stop an evaluation.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], short: int = TEST_SHORT_SIDE,
+                 max_size: int = MAX_SIZE):
+        self.paths = [os.fspath(p) for p in paths]
+        self.short, self.max_size = short, max_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, PreparedImage | None, str | None]:
+        try:
+            return i, load_image(self.paths[i], self.short, self.max_size), None
+        except RclipError as e:
+            return i, None, str(e)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def load_image_batches(paths: Sequence[str | os.PathLike], short: int = TEST_SHORT_SIDE,
+                       max_size: int = MAX_SIZE, batch_size: int = 1, workers: int = 0
+                       ) -> Iterator[list[tuple[int, PreparedImage | None, str | None]]]:
+    """Batches of ``batch_size`` decoded images in input order, each item ``(index into paths,
+    image or None, error or None)``.
+
+    With ``workers`` > 0, decoding and resizing run in that many DataLoader worker processes,
+    two batches ahead of the consumer, so they overlap with the model's compute; 0 decodes in
+    the calling process.
+    """
+    if batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    if workers < 0:
+        raise InputError("--workers must be >= 0")
+    if not paths:
+        return
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, short, max_size), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers, collate_fn=_as_list,
+                                         prefetch_factor=2 if workers > 0 else None)
+    yield from loader
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
