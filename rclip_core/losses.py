@@ -358,7 +358,11 @@ def focal_scaled_cross_entropy(
         return _zero_like_graph(logits)
     ce = F.cross_entropy(logits, targets, reduction="none")
     p_t = logits.softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
-    loss = ce * (1.0 - p_t) ** gamma
+    # Where p_t == 1 in floating point (easy with logits spanning +-100 at T = 0.01), the loss is
+    # CE x 0^gamma = 0 but d(x^gamma)/dx is infinite for gamma < 1, so the backward pass would be
+    # 0 x inf = NaN. Clamping 1 - p_t at 1e-12 keeps the value (to < 1e-6 x CE) and gives those
+    # rows their true limit gradient, 0.
+    loss = ce * (1.0 - p_t).clamp_min(1e-12) ** gamma
     if bg_weight is not None:
         bg = targets == logits.shape[1] - 1
         loss = torch.where(bg, loss * bg_weight, loss)

@@ -300,3 +300,17 @@ def test_pretraining_loss_from_shard_topk_labels():
     sparse = pretraining_loss(student, concepts, pseudo_labels=sparse_labels,
                               teacher_topk=topk_teacher(logits, 5), weights=region_only)
     torch.testing.assert_close(sparse["total"], dense["total"], rtol=1e-5, atol=1e-5)
+
+
+def test_focal_scaled_ce_is_finite_when_the_target_probability_is_one():
+    # p_t == 1 in float32: the loss is CE x 0^0.5 = 0 and the true limit gradient is 0; a plain
+    # (1 - p_t) ** 0.5 would give 0 x inf = NaN in the backward pass.
+    from rclip_core.losses import focal_scaled_cross_entropy
+
+    logits = torch.tensor([[-100.0, -100.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    loss = focal_scaled_cross_entropy(logits, torch.tensor([2, 0]), gamma=0.5, bg_weight=0.2)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert float(logits.grad[0].abs().max()) < 1e-30
+    p = math.exp(1) / (math.exp(1) + 2)
+    assert float(loss.detach()) == pytest.approx(-math.log(p) * (1 - p) ** 0.5 / 2, rel=1e-6)
