@@ -313,3 +313,46 @@ def test_offline_pretrained_fails_fast_with_weights_hint(assets, tmp_path, monke
     assert_error(r, out, "not cached and there is no network", code=1)
     hint = [ln for ln in r.output.splitlines() if ln.startswith("hint:")]
     assert len(hint) == 1 and "--weights PATH" in hint[0]
+
+
+# ----------------------------------------------------------------------- fine-tuned detector files
+
+def _detector_file(tmp_path):
+    from rclip_core.models.detector import Detector, DetectorSettings
+
+    torch.manual_seed(0)
+    model = load_model(model="test-micro", random_init=True)
+    emb = torch.randn(3, model.embed_dim)
+    s = DetectorSettings(proposals="trained", anchor_sizes=(8.0, 16.0, 32.0), rois_per_image=16,
+                         rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=50, score_thresh=0.0)
+    det = Detector(model, emb[:2], emb, class_names=["kite", "boy", "dog"], train_class_names=["kite", "boy"],
+                   settings=s)
+    path = tmp_path / "det.safetensors"
+    det.save(path)
+    return path
+
+
+def test_detect_with_an_exported_detector_alone(tmp_path):
+    det = _detector_file(tmp_path)
+    img = tmp_path / "a.jpg"
+    Image.new("RGB", (80, 60), (120, 30, 200)).save(img)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["detect", str(img), "--weights", str(det), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    cats = json.loads((out / "categories.json").read_text())
+    assert [c["name"] for c in cats] == ["kite", "boy", "dog"]  # the vocabulary stored in the file
+    preds = json.loads((out / "predictions.json").read_text())
+    assert all(p["category_id"] in (1, 2, 3) for p in preds)
+    # --classes replaces the vocabulary at detection time (embedded with the file's text tower)
+    out2 = tmp_path / "out2"
+    r = CliRunner().invoke(cli, ["detect", str(img), "--weights", str(det), "--classes", "cat,okapi",
+                                 "--out", str(out2), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert [c["name"] for c in json.loads((out2 / "categories.json").read_text())] == ["cat", "okapi"]
+    # given boxes do not apply to a detector: one line, nothing written
+    boxes = tmp_path / "b.json"
+    boxes.write_text(json.dumps({"a.jpg": [[1, 1, 20, 20]]}))
+    out3 = tmp_path / "out3"
+    r = CliRunner().invoke(cli, ["detect", str(img), "--weights", str(det), "--boxes", str(boxes),
+                                 "--out", str(out3), "--device", "cpu"])
+    assert r.exit_code == 2 and "do not apply" in r.output and not out3.exists()

@@ -71,18 +71,66 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
                          topk_labels=topk_labels, precision=precision)
     opts.validate()
     dev = resolve_device(device)
+    from rclip_core.models.detector import is_detector_file
+
+    detector = bool(kw.get("weights")) and is_detector_file(kw["weights"])
+    if detector and (given is not None or save_embeddings or proposals != "auto" or kw.get("rpn_weights")
+                     or kw.get("random_init")):
+        raise InputError("--boxes, --proposals, --rpn-weights, --random-init and --save-embeddings do not apply "
+                         "to a fine-tuned detector", "use the pretrained region model for given boxes and embeddings")
     created = _first_missing(Path(out_dir))
     out = ensure_output_dir(out_dir)
     try:
+        if detector:
+            # A fine-tuned detector proposes and regresses its own boxes; only the options given
+            # on the command line replace its stored test-time settings.
+            vocab, runner = _detector_runner(kw, dev, precision)
+            run_detection(runner, vocab, opts, paths, None, out, False, not no_images, batch_size)
+            return
         model = resolve_model(kw, dev)
         vocab, class_emb = resolve_vocabulary_and_embeddings(model, kw)
         if opts.proposals == "rpn" and model.rpn is None and proposals == "auto":
             raise InputError("no boxes to classify: these weights carry no offline RPN",
                              "pass --boxes FILE, --rpn-weights rpn_lvis_866.pth, or --proposals random|grid")
-        run_detection(model, vocab, class_emb, opts, paths, given, out, save_embeddings, not no_images, batch_size)
+        from rclip_core.pipeline import ZeroShotPipeline
+
+        pipe = ZeroShotPipeline(model, class_emb, opts)
+        run_detection(pipe.run, vocab, opts, paths, given, out, save_embeddings, not no_images, batch_size,
+                      model_info=(model.info.source, model.arch.name))
     except BaseException:
         _remove_empty_dirs(out, created)  # a failed run leaves nothing behind, not even --out
         raise
+
+
+def _detector_runner(kw, dev, precision):
+    """Load a fine-tuned detector file; returns (vocabulary, runner(prep, path, boxes) -> result)."""
+    import torch
+    from click.core import ParameterSource
+
+    from rclip_core.data.vocab import Vocabulary
+    from rclip_core.models.detector import load_detector
+    from rclip_core.pipeline import ImageResult, autocast_context
+
+    ctx = click.get_current_context()
+    explicit = {name: ctx.params[name] for name in ("score_thresh", "nms_thresh", "max_dets", "fusion")
+                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    det = load_detector(kw["weights"], dev)
+    if explicit:
+        det.update_settings(**explicit)
+    if any(kw.get(k) for k in ("classes", "classes_file", "vocabulary", "class_embeddings")):
+        vocab, emb = resolve_vocabulary_and_embeddings(det.regionclip, kw)
+        det.set_vocabulary(list(vocab.names), emb)
+    else:
+        names = tuple(det.class_names or ())
+        vocab = Vocabulary(name="detector", names=names, display_names=names,
+                           category_ids=tuple(range(1, len(names) + 1)))
+
+    def runner(prep, path, boxes):
+        with torch.inference_mode(), autocast_context(torch.device(dev), precision):
+            d = det.detect([prep])[0]
+        return ImageResult(path=path, orig_size=prep.orig_size, boxes=d.boxes, embeddings=torch.zeros(0), detections=d)
+
+    return vocab, runner
 
 
 def _first_missing(path: Path) -> Path | None:
@@ -111,17 +159,18 @@ def _remove_empty_dirs(out: Path, created: Path | None) -> None:
         p = p.parent
 
 
-def run_detection(model, vocab, class_emb, opts, paths, given, out: Path, save_embeddings: bool, draw: bool,
-                  batch_size: int) -> None:
+def run_detection(runner, vocab, opts, paths, given, out: Path, save_embeddings: bool, draw: bool,
+                  batch_size: int, model_info: tuple[str, str] = ("", "")) -> None:
+    """``runner(prepared_image, path, boxes_or_None) -> ImageResult`` per image, then the outputs.
+    Failures of single images are collected and listed at the end (exit 2)."""
     import numpy as np
     from rich.markup import escape
     from rich.table import Table
 
     from rclip_core.errors import InputError, RclipError
     from rclip_core.fileio import atomic_write_json
-    from rclip_core.pipeline import ZeroShotPipeline, prefetch_images
+    from rclip_core.pipeline import prefetch_images
 
-    pipe = ZeroShotPipeline(model, class_emb, opts)
     # Validate the given boxes of every image before any work (one line per problem).
     if given is not None:
         from rclip_core.models.proposals import lookup_boxes
@@ -145,7 +194,7 @@ def run_detection(model, vocab, class_emb, opts, paths, given, out: Path, save_e
 
                     boxes = validate_boxes(np.asarray(lookup_boxes(given, path), dtype=np.float64),
                                            prep.orig_size[1], prep.orig_size[0], os.path.basename(path))
-                res = pipe.run(prep, path, boxes)
+                res = runner(prep, path, boxes)
             except RclipError as e:
                 failures.append((path, str(e)))
                 advance(1)
@@ -166,7 +215,7 @@ def run_detection(model, vocab, class_emb, opts, paths, given, out: Path, save_e
                 written.append(save_safetensors(out / "embeddings" / f"{stem}.safetensors",
                                                 {"boxes": res.boxes.float(), "embeddings": res.embeddings.float()},
                                                 {"kind": "region_embeddings", "image": os.path.abspath(path),
-                                                 "model": model.info.source, "architecture": model.arch.name}))
+                                                 "model": model_info[0], "architecture": model_info[1]}))
             top = ", ".join(f"{vocab.display_names[c]} {s:.2f}" for c, s in
                             list(zip(d.classes.tolist(), d.scores.tolist()))[:3])
             rows.append((os.path.basename(path), f"{w}x{h}", str(int(res.boxes.shape[0])), str(len(d)), top))

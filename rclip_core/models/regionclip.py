@@ -224,7 +224,8 @@ def _from_weights_file(wf: WeightsFile, requested: str | None, fast_attnpool: bo
                 raise WeightsError(f"weights are a {arch.name} model but --model {requested} was asked for",
                                    "drop --model (the architecture is read from the file)")
         clip_state = {k: v for k, v in wf.tensors.items()
-                      if not k.startswith(("rpn.", "box_predictor.", "teacher.")) and k != "class_embeddings"}
+                      if not k.startswith(("rpn.", "trained_rpn.", "box_predictor.", "mask_head.", "teacher."))
+                      and k != "class_embeddings"}
         conv = ConvertedCheckpoint("rclip", clip_state=clip_state,
                                    rpn_state={k[4:]: v for k, v in wf.tensors.items() if k.startswith("rpn.")},
                                    box_predictor={k[len("box_predictor."):]: v for k, v in wf.tensors.items()
