@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ from torchvision.ops import FrozenBatchNorm2d, batched_nms, clip_boxes_to_image
 
 from rclip_core.errors import InputError, WeightsError
 from rclip_core.fileio import read_json
+from rclip_core.models.fast import conv2d as fast_conv2d
+from rclip_core.models.fast import fold_conv_bn, foldable_norm, tensor_versions
 
 __all__ = [
     "RPN_KINDS",
@@ -163,6 +166,8 @@ class NormConv2d(nn.Conv2d):
     """Detectron2's ``layers.Conv2d``: conv, then optional ``norm`` submodule, then optional
     activation. The norm being a child named ``norm`` gives keys ``<conv>.norm.weight``."""
 
+    fast = True  # gradient-free calls fold the norm into the weights (OfflineRPN.plain() turns it off)
+
     def __init__(self, *args: Any, norm: nn.Module | None = None, relu: bool = False,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -170,6 +175,14 @@ class NormConv2d(nn.Conv2d):
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast and not torch.is_grad_enabled() and self.groups == 1 and self.dilation == (1, 1) \
+                and self.stride[0] == self.stride[1] and self.padding[0] == self.padding[1] \
+                and (self.norm is None or foldable_norm(self.norm)):
+            # Inference: the norm folded into the weights (cached), channels_last, oneDNN.
+            w, b = self._folded(x.dtype)
+            x = fast_conv2d(x.contiguous(memory_format=torch.channels_last), w, b,
+                            self.stride[0], self.padding[0])
+            return x.relu_() if self.relu else x
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                      self.groups)
         if self.norm is not None:
@@ -177,6 +190,18 @@ class NormConv2d(nn.Conv2d):
         if self.relu:
             x = F.relu(x)
         return x
+
+    def _folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
+        if self.norm is not None:
+            tensors += list(self.norm.parameters()) + list(self.norm.buffers())
+        key = (tensor_versions(tensors), dtype)
+        cached = self.__dict__.get("_folded_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, fold_conv_bn(self, self.norm, dtype))
+            self.__dict__["_folded_cache"] = cached
+        return cached[1]
 
 
 def _c2_msra_fill(conv: nn.Conv2d) -> None:
@@ -557,6 +582,21 @@ class OfflineRPN(nn.Module):
                              persistent=False)
         self.requires_grad_(False)
         super().train(False)
+
+    @contextmanager
+    def plain(self) -> Iterator["OfflineRPN"]:
+        """Inside the block, convolutions run unfolded (conv, then norm), as in training code;
+        outside, inference folds each norm into its convolution and uses channels_last, which
+        gives the same proposals up to float rounding, faster."""
+        convs = [m for m in self.modules() if isinstance(m, NormConv2d)]
+        before = [m.fast for m in convs]
+        for m in convs:
+            m.fast = False
+        try:
+            yield self
+        finally:
+            for m, flag in zip(convs, before):
+                m.fast = flag
 
     def train(self, mode: bool = True) -> "OfflineRPN":
         # The official code keeps the offline RPN in eval mode even while the detector trains

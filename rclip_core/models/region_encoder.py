@@ -15,16 +15,27 @@ computes exactly that and nothing else: a single query, and keys/values folded i
 and the attention-weighted average of the inputs. It is the same mathematics as the full
 multi-head attention over all 50 (82) tokens followed by ``[0]``, with ~1/30 of the work;
 ``fast_attnpool=False`` runs open_clip's module as is (used by the tests to prove equality).
+
+Inference (gradients disabled: ``torch.no_grad`` / ``torch.inference_mode``) takes the fast path
+of :mod:`rclip_core.models.fast`: frozen BN folded into the convolutions, channels_last,
+res5's first convolutions moved before RoIAlign where that is less work, and RoIAlign as two
+small matrix products - the same mathematics, float rounding apart. With gradients enabled
+(training), and with ``fast=False`` or inside ``with encoder.plain():``, every call runs the
+plain modules above.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+if TYPE_CHECKING:
+    from rclip_core.models.fast import FastResNet
 
 CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,7 +60,7 @@ def attnpool_token0(attnpool: nn.Module, x: Tensor) -> Tensor:
     heads = attnpool.num_heads
     hd = C // heads
     pos = attnpool.positional_embedding.to(x.dtype)  # [L, C]
-    tokens = x.flatten(2).transpose(1, 2)  # [R, HW, C]
+    tokens = x.flatten(2).transpose(1, 2)  # [R, HW, C] (a view when x is channels_last)
     t0 = tokens.mean(dim=1, keepdim=True)  # [R, 1, C]
     tokens = torch.cat([t0, tokens], dim=1) + pos  # [R, L, C]
     q = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias)  # [R, C]
@@ -68,16 +79,49 @@ class RegionEncoder(nn.Module):
     """The CLIP ResNet visual tower split for region recognition.
 
     Shares its parameters with ``visual`` (an open_clip ``ModifiedResNet`` with frozen BN).
+    ``fast`` (default True) lets gradient-free calls use :mod:`rclip_core.models.fast`;
+    ``fast=False`` (or ``with encoder.plain():``) always runs the plain modules.
     """
 
-    def __init__(self, visual: nn.Module, pooler_resolution: int | None = None, fast_attnpool: bool = True):
+    def __init__(self, visual: nn.Module, pooler_resolution: int | None = None, fast_attnpool: bool = True,
+                 fast: bool = True):
         super().__init__()
         self.visual = visual
         grid = int(visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5
         self.pooler_resolution = int(pooler_resolution or 2 * round(grid))
         self.fast_attnpool = fast_attnpool
+        self.fast = fast
+        self._fast_impl = None  # rclip_core.models.fast.FastResNet, built on first use
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1), persistent=False)
+
+    # -- fast path switch ------------------------------------------------------------------------
+    def uses_fast_path(self) -> bool:
+        """True when the next call runs the fast path: ``fast`` set, gradients disabled, and a
+        visual tower the fast path supports (ModifiedResNet with frozen / eval-mode BN)."""
+        if not self.fast or torch.is_grad_enabled():
+            return False
+        from rclip_core.models.fast import FastResNet
+
+        return FastResNet.supported(self.visual)
+
+    def _fast(self) -> "FastResNet":
+        from rclip_core.models.fast import FastResNet
+
+        if self._fast_impl is None or self._fast_impl.visual is not self.visual:
+            self._fast_impl = FastResNet(self.visual, token0=self.fast_attnpool)
+        self._fast_impl.token0 = self.fast_attnpool
+        return self._fast_impl
+
+    @contextmanager
+    def plain(self) -> Iterator["RegionEncoder"]:
+        """Run the plain modules inside the block (reference for tests and benchmarks)."""
+        old = self.fast
+        self.fast = False
+        try:
+            yield self
+        finally:
+            self.fast = old
 
     @property
     def spatial_scale(self) -> float:
@@ -106,7 +150,10 @@ class RegionEncoder(nn.Module):
 
     # -- stage 2: trunk -----------------------------------------------------------------------
     def trunk(self, x: Tensor) -> Tensor:
-        """Normalised images [B, 3, H, W] -> res4 [B, 16w, floor(H/16), floor(W/16)]."""
+        """Normalised images [B, 3, H, W] -> res4 [B, 16w, floor(H/16), floor(W/16)]
+        (channels_last memory, and the autocast dtype, on the fast path)."""
+        if self.uses_fast_path():
+            return self._fast().trunk(x)
         v = self.visual
         x = x.to(v.conv1.weight.dtype)
         x = v.stem(x)
@@ -125,6 +172,9 @@ class RegionEncoder(nn.Module):
 
     # -- stage 4: region head -----------------------------------------------------------------
     def res5(self, pooled: Tensor) -> Tensor:
+        """RoIAlign output [R, 16w, P, P] -> [R, 32w, P/2, P/2]."""
+        if self.uses_fast_path():
+            return self._fast().res5_from_pooled(pooled)
         return self.visual.layer4(pooled)
 
     def attnpool(self, res5: Tensor) -> Tensor:
@@ -137,6 +187,8 @@ class RegionEncoder(nn.Module):
 
         ``chunk_size`` bounds peak memory by running at most that many regions at once.
         """
+        if self.uses_fast_path():
+            return self._fast().head_from_pooled(pooled, chunk_size)
         if chunk_size is None or pooled.shape[0] <= chunk_size:
             return self.attnpool(self.res5(pooled))
         outs = [self.attnpool(self.res5(c)) for c in pooled.split(chunk_size)]
@@ -146,6 +198,9 @@ class RegionEncoder(nn.Module):
         """res4 + boxes per image -> region embeddings [sum N_i, D] in input order."""
         if sum(int(b.shape[0]) for b in boxes) == 0:
             return res4.new_zeros((0, self.embed_dim))
+        if self.uses_fast_path():
+            rois = boxes_to_rois(boxes, torch.empty(0, device=res4.device))  # float32 [R, 5]
+            return self._fast().regions(res4, rois, self.pooler_resolution, self.spatial_scale, chunk_size)
         if chunk_size is None:
             return self.head(self.roi_pool(res4, boxes))
         # RoIAlign per chunk too, so pooled features of all regions never coexist in memory.
