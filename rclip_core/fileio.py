@@ -33,6 +33,34 @@ def ensure_output_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def first_missing_dir(path: str | os.PathLike) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None if it all exists).
+    Take it before :func:`ensure_output_dir` so a failed run can undo what it created."""
+    missing = None
+    p = Path(path)
+    for q in [p, *p.parents]:
+        if q.exists():
+            break
+        missing = q
+    return missing
+
+
+def remove_empty_dirs(out: str | os.PathLike, created: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``created`` while they are empty (``os.rmdir`` never
+    removes a directory with files in it): a failed run leaves nothing behind, not even --out."""
+    if created is None:
+        return
+    p = Path(out)
+    while True:
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
+        if p == created or p == p.parent:
+            return
+        p = p.parent
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` only if it succeeded."""
     path = Path(path)

@@ -55,7 +55,7 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
     """
     from rclip_core.device import resolve_device
     from rclip_core.errors import InputError
-    from rclip_core.fileio import ensure_output_dir
+    from rclip_core.fileio import ensure_output_dir, first_missing_dir, remove_empty_dirs
     from rclip_core.pipeline import DetectOptions, collect_images
 
     if batch_size < 1:
@@ -78,7 +78,7 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
                      or kw.get("random_init")):
         raise InputError("--boxes, --proposals, --rpn-weights, --random-init and --save-embeddings do not apply "
                          "to a fine-tuned detector", "use the pretrained region model for given boxes and embeddings")
-    created = _first_missing(Path(out_dir))
+    created = first_missing_dir(Path(out_dir))
     out = ensure_output_dir(out_dir)
     try:
         if detector:
@@ -98,7 +98,7 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
         run_detection(pipe.run, vocab, opts, paths, given, out, save_embeddings, not no_images, batch_size,
                       model_info=(model.info.source, model.arch.name))
     except BaseException:
-        _remove_empty_dirs(out, created)  # a failed run leaves nothing behind, not even --out
+        remove_empty_dirs(out, created)  # a failed run leaves nothing behind, not even --out
         raise
 
 
@@ -131,32 +131,6 @@ def _detector_runner(kw, dev, precision):
         return ImageResult(path=path, orig_size=prep.orig_size, boxes=d.boxes, embeddings=torch.zeros(0), detections=d)
 
     return vocab, runner
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of ``path`` that does not exist yet (None if it all exists)."""
-    missing = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        missing = p
-    return missing
-
-
-def _remove_empty_dirs(out: Path, created: Path | None) -> None:
-    """Remove ``out`` and its parents up to ``created`` while they are empty (os.rmdir never
-    removes a directory with files in it)."""
-    if created is None:
-        return
-    p = out
-    while True:
-        try:
-            os.rmdir(p)
-        except OSError:
-            return
-        if p == created or p == p.parent:
-            return
-        p = p.parent
 
 
 def run_detection(runner, vocab, opts, paths, given, out: Path, save_embeddings: bool, draw: bool,

@@ -167,29 +167,6 @@ def _validate_inputs(data: str, out_dir: str, o: dict) -> None:
         raise InputError(f"--out {out_dir} exists and is not a directory")
 
 
-def _first_missing(path: Path) -> Path | None:
-    missing = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        missing = p
-    return missing
-
-
-def _remove_empty_dirs(out: Path, created: Path | None) -> None:
-    if created is None:
-        return
-    p = out
-    while True:
-        try:
-            os.rmdir(p)  # never removes a directory with files in it
-        except OSError:
-            return
-        if p == created or p == p.parent:
-            return
-        p = p.parent
-
-
 def _load_concepts(model, concepts_file, concept_embeddings, templates, average, show: bool = True):
     """(names, [N, D] embeddings, pool sha256, index info)."""
     from rclip_core.concepts import read_concept_pool
@@ -258,16 +235,16 @@ def _run(data: str, out_dir: str, o: dict) -> None:
                              "pass --rpn-weights rpn_lvis_866.pth, or use --proposals random")
         names, emb, pool_sha, extra = _load_concepts(model, o["concepts_file"], o["concept_embeddings"],
                                                      o["templates"], o["average"], show=info.is_main)
-        created = _first_missing(Path(out_dir)) if info.is_main else None
-        from rclip_core.fileio import ensure_output_dir
+        from rclip_core.fileio import ensure_output_dir, first_missing_dir, remove_empty_dirs
 
+        created = first_missing_dir(Path(out_dir)) if info.is_main else None
         out = ensure_output_dir(out_dir) if info.is_main else Path(out_dir)
         try:
             labeler = PseudoLabeler(model, names, emb, images, out, settings, concept_pool_sha256=pool_sha,
                                     info=extra, rank=info.rank, world_size=info.world_size)
             plan = labeler.prepare(overwrite=o["overwrite"])
         except BaseException:
-            _remove_empty_dirs(out, created)
+            remove_empty_dirs(out, created)
             raise
         if info.is_main:
             console.print(f"{len(images)} images in {plan.shards_total} shards; {plan.shards_done} already done"
