@@ -32,6 +32,13 @@ What is a concept (one per noun mention, counted per mention):
   as compounds whatever their tags. A gerund tagged as a noun but followed by an article is a
   verb ("a helmet riding a bike" -> ``helmet``). Known limit: other adjective-led names give the
   head only ("french fries" -> ``fry``, "stuffed animal" -> ``animal``).
+- A word the small tagger reads as an adjective or verb where English needs a noun, at the end
+  of a noun phrase that starts with a determiner or number ("a square, two lozenges",
+  "one purple cross.", "a square overlapping a circle"), is a noun.
+- ``attributes`` (``rclip concepts --attributes colour``): a colour word right before the noun
+  is kept in the concept ("two red circles" -> ``red circle``), for vocabularies whose classes
+  are attribute-object pairs (ShapesWorld). "orange" before a noun is a colour there and never
+  starts a compound unless the pair is a known name ("orange juice").
 - A default stoplist drops nouns that are not objects (:data:`NON_OBJECT_NOUNS`: "picture",
   "photo", "view", "front", "side", "top", "background", "way", "kind", "color", ...), generic
   words ("thing", "object", "shape") and colour words in noun position (:data:`COLOUR_NOUNS`;
@@ -77,6 +84,8 @@ __all__ = [
     "NON_OBJECT_NOUNS",
     "COLOUR_NOUNS",
     "DEFAULT_STOPLIST",
+    "COLOUR_ATTRIBUTES",
+    "ATTRIBUTE_SETS",
     "PARTITIVE_NOUNS",
     "PLURAL_ONLY_NOUNS",
     "load_spacy_model",
@@ -135,6 +144,14 @@ COLOUR_NOUNS: frozenset[str] = frozenset({
 })
 
 DEFAULT_STOPLIST: frozenset[str] = NON_OBJECT_NOUNS | COLOUR_NOUNS
+
+#: Colour adjectives kept in front of a concept with ``attributes=COLOUR_ATTRIBUTES``
+#: (``rclip concepts --attributes colour``): "two red circles" -> ``red circle``. Here "orange"
+#: is a colour: it stands in front of a noun.
+COLOUR_ATTRIBUTES: frozenset[str] = COLOUR_NOUNS | {"orange", "gold", "silver"}
+
+#: Named attribute sets of ``rclip concepts --attributes``.
+ATTRIBUTE_SETS: dict[str, frozenset[str]] = {"none": frozenset(), "colour": COLOUR_ATTRIBUTES}
 
 #: Plural-only object names, kept plural (the lemmatiser would make "scissors" -> "scissor").
 #: "glasses" is not here: "two glasses of wine" are glasses.
@@ -227,8 +244,48 @@ def _lemma(token: "Token", lemmatizer: Any) -> str:
     return (token.lemma_ or token.text).lower()
 
 
+#: Adjectives that head a noun phrase without being objects ("a few of them", "the other").
+_QUANTITY_ADJECTIVES = frozenset({"few", "little", "many", "several", "other", "same", "whole", "next",
+                                  "last", "first", "second", "third", "only", "own", "much", "more",
+                                  "most", "less", "least", "such"})
+
+
+def _np_start(doc: "Doc", i: int, colour: frozenset[str]) -> bool:
+    """Whether the words before ``doc[i]`` are a determiner or number followed only by
+    adjectives or colour words: "a", "one purple", "a small purple"."""
+    j = i - 1
+    while j >= 0 and (doc[j].pos_ in ("ADJ", "ADV") or doc[j].lower_ in colour) and doc[j].is_alpha:
+        j -= 1
+    return j >= 0 and doc[j].pos_ in ("DET", "NUM") and doc[j].lower_ != "no"
+
+
+def _elliptic_noun(token: "Token", colour: frozenset[str]) -> bool:
+    """A word the small tagger reads as an adjective or verb at the end of a noun phrase, where
+    English needs a noun: "a square, two lozenges", "one purple square.", "a purple cross next
+    to ...". Only after a determiner or number, and only when what follows starts no other
+    phrase part: end, "." , "," or "and" + a new determiner/number, a preposition, "next", or a
+    participle with its own object ("a square overlapping a circle")."""
+    if token.pos_ not in ("ADJ", "VERB") or not token.is_alpha or token.lower_ in colour \
+            or token.lower_ in _QUANTITY_ADJECTIVES or token.tag_ in ("JJR", "JJS", "VBD", "VBN", "VBG"):
+        return False
+    doc, i = token.doc, token.i
+    if not _np_start(doc, i, colour):
+        return False
+    if i + 1 >= len(doc):
+        return True
+    nxt = doc[i + 1]
+    after = doc[i + 2] if i + 2 < len(doc) else None
+    if nxt.text in (".", "!", "?", ";"):
+        return True
+    if nxt.text == "," or nxt.pos_ == "CCONJ" or nxt.tag_ == "VBG":
+        return after is None or after.pos_ in ("DET", "NUM")
+    return nxt.pos_ == "ADP" or nxt.lower_ == "next"
+
+
 def _is_noun(token: "Token", colour: frozenset[str], forced: set[int]) -> bool:
     if token.i in forced:
+        return True
+    if token.pos_ in ("ADJ", "VERB") and _elliptic_noun(token, colour):
         return True
     if token.pos_ not in ("NOUN", "PROPN") or not token.is_alpha or token.like_num or token.lower_ in colour:
         return False
@@ -253,11 +310,19 @@ def _forced_compounds(doc: "Doc", known: frozenset[str]) -> set[int]:
     return forced
 
 
+#: Two-word names of symbols that the small English model tags as a conjunction or adjective
+#: plus a noun ("a red plus sign": plus/CCONJ sign/NOUN -> ``sign``); not in the COCO/LVIS lists.
+SYMBOL_COMPOUNDS: frozenset[str] = frozenset({
+    "plus sign", "minus sign", "equals sign", "dollar sign", "pound sign", "percent sign",
+    "question mark", "exclamation mark", "check mark",
+})
+
+
 @lru_cache(maxsize=1)
 def default_known_compounds() -> frozenset[str]:
     """Two-word object names from the shipped COCO-80 and LVIS (names and synonyms) lists,
-    lower-cased, LVIS disambiguations "(...)" removed; entries with a colour word are left out
-    ("black sheep" stays "sheep")."""
+    lower-cased, LVIS disambiguations "(...)" removed, plus :data:`SYMBOL_COMPOUNDS`; entries
+    with a colour word are left out ("black sheep" stays "sheep")."""
     import json
 
     assets = Path(__file__).resolve().parent / "assets"
@@ -274,20 +339,25 @@ def default_known_compounds() -> frozenset[str]:
         words = re.sub(r"\(.*?\)", " ", n.replace("_", " ")).lower().split()
         if len(words) == 2 and all(w.isalpha() for w in words) and not set(words) & COLOUR_NOUNS:
             out.add(" ".join(words))
-    return frozenset(out)
+    return frozenset(out | SYMBOL_COMPOUNDS)
 
 
 def doc_concepts(doc: "Doc", stoplist: Iterable[str] = DEFAULT_STOPLIST,
                  partitive_nouns: Iterable[str] = PARTITIVE_NOUNS, lemmatizer: Any = None,
-                 known_compounds: Iterable[str] | None = None) -> list[str]:
+                 known_compounds: Iterable[str] | None = None,
+                 attributes: Iterable[str] = ()) -> list[str]:
     """The concepts mentioned in one tagged caption, in order, one per noun mention (see the
     module docstring for the rules). ``lemmatizer``: the pipeline's lemmatizer component, used to
     singularise nouns the tagger got wrong; ``known_compounds``: two-word object names always
-    read as compounds (default :func:`default_known_compounds`, ``()`` for none)."""
+    read as compounds (default :func:`default_known_compounds`, ``()`` for none);
+    ``attributes``: adjectives kept as part of the concept when they stand right before the
+    noun ("two red circles" -> ``red circle`` with :data:`COLOUR_ATTRIBUTES`), for vocabularies
+    whose classes are attribute-object pairs; the noun alone when no such word precedes it."""
     stop = stoplist if isinstance(stoplist, frozenset) else frozenset(stoplist)
     partitive = partitive_nouns if isinstance(partitive_nouns, frozenset) else frozenset(partitive_nouns)
     colour = stop & COLOUR_NOUNS  # colour words never join a compound ("blue star" -> star)
     known = default_known_compounds() if known_compounds is None else frozenset(known_compounds)
+    attrs = attributes if isinstance(attributes, frozenset) else frozenset(attributes)
     forced = _forced_compounds(doc, known)
     out: list[str] = []
     n = len(doc)
@@ -307,7 +377,12 @@ def doc_concepts(doc: "Doc", stoplist: Iterable[str] = DEFAULT_STOPLIST,
             else:
                 break
             run.append(doc[j])
-        words = [_lemma(t, lemmatizer) for t in run[-2:]]
+        # "an orange crescent": a colour that can be a noun starts no compound unless the pair is
+        # a known name ("orange juice"); the official pool (no stoplist) keeps "orange cat"
+        run = run[-2:]
+        while colour and len(run) > 1 and run[0].lower_ in COLOUR_ATTRIBUTES and run[0].i not in forced:
+            run.pop(0)
+        words = [_lemma(t, lemmatizer) for t in run]
         i = j + 1
         head_word = words[-1]
         concept = " ".join(words)
@@ -315,6 +390,9 @@ def doc_concepts(doc: "Doc", stoplist: Iterable[str] = DEFAULT_STOPLIST,
             continue
         if head_word in partitive and j + 1 < n and doc[j + 1].lower_ == "of":
             continue
+        start = run[0].i
+        if attrs and start > 0 and doc[start - 1].lower_ in attrs:
+            concept = f"{doc[start - 1].lower_} {concept}"
         out.append(concept)
     return out
 
@@ -329,7 +407,8 @@ def count_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFAUL
                    stoplist: Iterable[str] = DEFAULT_STOPLIST,
                    partitive_nouns: Iterable[str] = PARTITIVE_NOUNS,
                    known_compounds: Iterable[str] | None = None,
-                   max_captions: int | None = None) -> tuple[Counter[str], int]:
+                   max_captions: int | None = None,
+                   attributes: Iterable[str] = ()) -> tuple[Counter[str], int]:
     """Count concept mentions in ``captions``.
 
     Returns ``(counts, n_captions)``: a Counter concept -> number of mentions and the number of
@@ -355,6 +434,7 @@ def count_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFAUL
     stop = frozenset(stoplist)
     partitive = frozenset(partitive_nouns)
     known = default_known_compounds() if known_compounds is None else frozenset(known_compounds)
+    attrs = frozenset(attributes)
 
     def texts() -> Iterator[str]:
         seen = 0
@@ -367,14 +447,14 @@ def count_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFAUL
                 yield text
 
     if n_process > 1 and "fork" in multiprocessing.get_all_start_methods():
-        state = (nlp, stop, partitive, lemmatizer, known)
+        state = (nlp, stop, partitive, lemmatizer, known, attrs)
         return _count_forked(texts(), state, batch_size, n_process, progress)
 
     counts: Counter[str] = Counter()
     n_captions = 0
     pending = 0
     for doc in nlp.pipe(texts(), batch_size=batch_size, n_process=n_process):
-        counts.update(doc_concepts(doc, stop, partitive, lemmatizer, known))
+        counts.update(doc_concepts(doc, stop, partitive, lemmatizer, known, attrs))
         n_captions += 1
         pending += 1
         if progress is not None and pending >= batch_size:
@@ -391,10 +471,10 @@ _WORKER_STATE: tuple[Any, ...] | None = None
 
 def _count_block(block: list[str]) -> tuple[Counter[str], int]:
     assert _WORKER_STATE is not None
-    nlp, stop, partitive, lemmatizer, known = _WORKER_STATE
+    nlp, stop, partitive, lemmatizer, known, attrs = _WORKER_STATE
     counts: Counter[str] = Counter()
     for doc in nlp.pipe(block, batch_size=len(block)):
-        counts.update(doc_concepts(doc, stop, partitive, lemmatizer, known))
+        counts.update(doc_concepts(doc, stop, partitive, lemmatizer, known, attrs))
     return counts, len(block)
 
 
@@ -449,7 +529,8 @@ def extract_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFA
                      progress: Callable[[int], None] | None = None,
                      stoplist: Iterable[str] = DEFAULT_STOPLIST,
                      partitive_nouns: Iterable[str] = PARTITIVE_NOUNS,
-                     known_compounds: Iterable[str] | None = None) -> list[tuple[str, int]]:
+                     known_compounds: Iterable[str] | None = None,
+                     attributes: Iterable[str] = ()) -> list[tuple[str, int]]:
     """Parse ``captions`` and return the concept pool ``[(concept, count), ...]``: concepts
     mentioned at least ``min_freq`` times, sorted by count descending, ties alphabetically.
 
@@ -458,7 +539,7 @@ def extract_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFA
     """
     counts, _ = count_concepts(captions, nlp_model, batch_size=batch_size, n_process=n_process,
                                progress=progress, stoplist=stoplist, partitive_nouns=partitive_nouns,
-                               known_compounds=known_compounds)
+                               known_compounds=known_compounds, attributes=attributes)
     return select_concepts(counts, min_freq)
 
 

@@ -133,6 +133,61 @@ def test_shapes_world_captions_give_exactly_the_shape_nouns(nlp):
     assert not {n for n, _ in pool} & C.COLOUR_NOUNS
 
 
+def test_colour_attributes_make_attribute_object_concepts(nlp):
+    colour = C.COLOUR_ATTRIBUTES
+    assert concepts_of(nlp, "two red circles next to a blue star on a noisy background", attributes=colour) \
+        == ["red circle", "blue star"]
+    # the symbol compound survives the tagger (plus: CCONJ) and takes its colour
+    assert concepts_of(nlp, "A picture of a big green plus sign.", attributes=colour) == ["green plus sign"]
+    assert concepts_of(nlp, "a red plus sign") == ["plus sign"]
+    # no colour in front: the noun alone; "orange" is a colour attribute, not a stopped noun
+    assert concepts_of(nlp, "a purple square and a circle", attributes=colour) == ["purple square", "circle"]
+    assert concepts_of(nlp, "a small orange heart", attributes=colour) == ["orange heart"]
+    # "orange" before a noun is a colour unless the pair is a known name
+    assert concepts_of(nlp, "one big orange crescent") == ["crescent"]
+    assert concepts_of(nlp, "a glass of orange juice", attributes=colour) == ["glass", "orange juice"]
+    # the tagger's adjective/verb at the end of a noun phrase is a noun there
+    assert concepts_of(nlp, "A photo of a square, two blue lozenges and one yellow star.") \
+        == ["square", "lozenge", "star"]
+    assert concepts_of(nlp, "a mottled background with a red star and one purple cross") == ["star", "cross"]
+    assert concepts_of(nlp, "We can see one square overlapping one green circle.") == ["square", "circle"]
+    assert concepts_of(nlp, "A small, cozy kitchen with a few of them.") == ["kitchen"]
+    assert concepts_of(nlp, "a yellow fire hydrant", attributes=colour) == ["yellow fire hydrant"]
+
+
+@pytest.fixture(scope="module")
+def shapes_world(tmp_path_factory):
+    from rclip_core.data.shapes import generate_shapes_world
+
+    out = tmp_path_factory.mktemp("sw") / "world"
+    generate_shapes_world(out, train=2000, val=10, seed=0, workers=1)
+    return [json.loads(line) for line in (out / "captions_train.jsonl").read_text().splitlines()]
+
+
+def test_shapes_world_pools_are_exactly_the_generator_vocabulary(nlp, shapes_world):
+    """A default ShapesWorld (2000 images, 4000 captions): the noun pool is exactly the surface
+    nouns the generator used (canonical shape nouns and their synonyms), and with colour
+    attributes at the default --min-freq 100 exactly its 30 "<colour> <shape>" classes."""
+    captions = [r["caption"] for r in shapes_world]
+    nouns = Counter(n for r in shapes_world for n in r["nouns"])
+    counts, n = C.count_concepts(captions, nlp)
+    assert n == 4000
+    assert counts == nouns  # every mention: precision = recall = 1.0
+    assert {c for c, _ in C.select_concepts(counts, 500)} == set(C_SHAPES)
+    classes = {c for r in shapes_world for c in r["classes"]}
+    assert len(classes) == 30
+    pool = C.extract_concepts(captions, nlp, min_freq=100, attributes=C.COLOUR_ATTRIBUTES)
+    assert {c for c, _ in pool} == classes
+    # what the frequency threshold removes: colourless mentions and colour + synonym
+    full, _ = C.count_concepts(captions, nlp, attributes=C.COLOUR_ATTRIBUTES)
+    below = max(v for c, v in full.items() if c not in classes)
+    assert min(full[c] for c in classes) > 100 >= below
+    assert full["circle"] > 0 and full["green starburst"] > 0
+
+
+C_SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+
+
 # ------------------------------------------------------------------------------ corpus level
 
 

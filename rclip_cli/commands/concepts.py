@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from rclip_cli._common import console, progress_bar, rclip_command
-from rclip_core.concepts import (DEFAULT_SPACY_MODEL, DEFAULT_STOPLIST, PARTITIVE_NOUNS, count_concepts,
+from rclip_core.concepts import (ATTRIBUTE_SETS, DEFAULT_SPACY_MODEL, DEFAULT_STOPLIST, PARTITIVE_NOUNS, count_concepts,
                                  load_spacy_model, select_concepts, write_concept_pool)
 from rclip_core.data.captions import CAPTION_FORMATS, iter_captions, resolve_sources
 from rclip_core.errors import InputError
@@ -53,9 +53,12 @@ def _check_out_path(out: str) -> Path:
               help="Caption format of every input (default: from the extension).")
 @click.option("--keep-all-nouns", is_flag=True,
               help="No stoplist: keep 'picture', 'group of', colour nouns, ... (like the official pools).")
+@click.option("--attributes", type=click.Choice(sorted(ATTRIBUTE_SETS)), default="none", show_default=True,
+              help="Keep these adjectives in front of the noun as part of the concept "
+                   "(colour: 'two red circles' -> 'red circle'), for classes that are attribute-object pairs.")
 def concepts(captions: tuple[str, ...], out: str, min_freq: int, top: int | None, spacy_model: str,
              batch_size: int, processes: int, max_captions: int | None, fmt: str | None,
-             keep_all_nouns: bool, debug: bool) -> None:
+             keep_all_nouns: bool, attributes: str, debug: bool) -> None:
     """Extract a concept pool (object nouns and noun compounds with their counts) from captions.
 
     CAPTIONS are caption files or shards: .jsonl, .json (COCO captions), .csv/.tsv (image,caption
@@ -68,7 +71,8 @@ def concepts(captions: tuple[str, ...], out: str, min_freq: int, top: int | None
     Examples:
       rclip concepts annotations/captions_train2017.json --min-freq 11 --out coco_nouns.txt
       rclip concepts 'cc3m/{00000..00331}.tar' --min-freq 100 --processes 2 --out cc_nouns.txt
-      rclip concepts shapes/captions_train.jsonl --min-freq 5 --out shapes_nouns.txt
+      rclip concepts shapes/captions_train.jsonl --min-freq 100 --out shapes_nouns.txt
+      rclip concepts shapes/captions_train.jsonl --attributes colour --min-freq 100 --out shapes_classes.txt
     """
     sources = resolve_sources(captions, fmt)
     out_path = _check_out_path(out)
@@ -82,7 +86,8 @@ def concepts(captions: tuple[str, ...], out: str, min_freq: int, top: int | None
         counts, n_captions = count_concepts(iter_captions(sources), nlp,
                                             batch_size=batch_size, n_process=processes, progress=advance,
                                             stoplist=stoplist, partitive_nouns=partitive,
-                                            max_captions=max_captions)
+                                            max_captions=max_captions,
+                                            attributes=ATTRIBUTE_SETS[attributes])
     seconds = time.perf_counter() - t0
     if n_captions == 0:
         raise InputError(f"no captions found in {', '.join(s.path for s in sources[:3])}"
