@@ -298,9 +298,12 @@ def rn50(sample_image):
 
 @pytest.mark.parametrize("photo", ["sample_img1.jpg", "sample_img2.jpg"])
 def test_rn50_photos_fp32_and_bf16(rn50, repo_root, photo):
-    """fp32: the fast path within float rounding of the plain one. bf16 (autocast, the fast
-    path's float32 stem): top-1 class of every box unchanged against fp32 and cosine distance
-    below 1e-2, for 20 random class directions plus the embeddings of 10 other boxes."""
+    """fp32: the fast path within 1e-5 relative of the plain one for every box (measured: max
+    6e-6 at 1 thread, 7e-6 at 2, median 3e-6; the plain float32 path is itself up to 5.5e-6 from
+    a float64 run here, so that is about as close as two float32 computations get). bf16
+    (autocast, the fast path's float32 stem): top-1 class of every box unchanged against fp32 and
+    cosine distance below 1e-2, for 20 random class directions plus the embeddings of 10 other
+    boxes."""
     from rclip_core.data.transforms import load_image
     from rclip_core.models.proposals import random_boxes
 
@@ -317,7 +320,7 @@ def test_rn50_photos_fp32_and_bf16(rn50, repo_root, photo):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf = enc.forward_features(enc.trunk(x), [boxes]).float()
     rel = ((out - ref).norm(dim=1) / ref.norm(dim=1))
-    assert rel.max() < 3e-5 and rel.median() < 1e-5, rel
+    assert rel.max() < 1e-5, rel
     assert ref.std(0).mean() > 0.1  # informative embeddings
     classes = torch.cat([torch.randn(20, 1024, generator=torch.Generator().manual_seed(1)), ref[-10:]])
     top_ref = (F.normalize(ref) @ F.normalize(classes).T).argmax(1)
