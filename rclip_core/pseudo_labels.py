@@ -293,9 +293,10 @@ def image_seed(seed: int, key: str) -> int:
 def _rpn_settings_for(kind: str, regions: int):
     from dataclasses import replace
 
-    from rclip_core.models.proposals import rpn_settings
+    from rclip_core.models.proposals import RPN_KINDS, rpn_settings
 
-    s = rpn_settings("pretraining", kind)  # NMS 0.5, 300 after NMS (spec 4.3)
+    # NMS 0.5, 300 after NMS (spec 4.3); a detector's trained RPN (one level) takes the FPN values
+    s = rpn_settings("pretraining", kind if kind in RPN_KINDS else "lvis_866_fpn")
     return replace(s, post_nms_topk=max(s.post_nms_topk, regions))
 
 

@@ -35,9 +35,13 @@ from rclip_cli._model_options import model_options, resolve_model, resolve_vocab
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 autocast (CPU and CUDA) is faster; fp32 reproduces the official numbers.")
 @click.option("--no-images", is_flag=True, help="Do not write annotated images.")
+@click.option("--short-side", type=click.IntRange(min=16), default=800, show_default=True,
+              help="Resize the shortest image side to this (the official test size; ShapesWorld: 256).")
+@click.option("--max-size", type=click.IntRange(min=16), default=1333, show_default=True,
+              help="Longest image side at most this after resizing.")
 @device_option
 def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fusion, topk_labels, out_dir,
-           batch_size, save_embeddings, precision, no_images, device, debug, **kw):
+           batch_size, save_embeddings, precision, no_images, short_side, max_size, device, debug, **kw):
     """Detect or recognise any classes in IMAGES (files, folders or glob patterns).
 
     Writes OUT/<stem>.jpg (boxes with label and score), OUT/predictions.json (COCO results:
@@ -68,7 +72,8 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
         given = load_boxes_file(boxes_file)
     opts = DetectOptions(proposals="boxes" if given is not None else ("rpn" if proposals == "auto" else proposals),
                          score_thresh=score_thresh, nms_thresh=nms_thresh, max_dets=max_dets, fusion=fusion,
-                         topk_labels=topk_labels, precision=precision)
+                         topk_labels=topk_labels, precision=precision, short_side=short_side,
+                         max_size=max(max_size, short_side))
     opts.validate()
     dev = resolve_device(device)
     from rclip_core.models.detector import is_detector_file

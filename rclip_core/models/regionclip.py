@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -279,9 +279,66 @@ def attach_rpn(model: RegionCLIP, rpn_state: dict[str, torch.Tensor], settings: 
     model.info.rpn_kind = kind
 
 
+class DetectorProposals(NamedTuple):
+    boxes: torch.Tensor  # [R, 4] XYXY in the input image's pixels
+    objectness_logits: torch.Tensor  # [R]
+
+
+class DetectorRPN(torch.nn.Module):
+    """The RPN trained inside an rclip detector (``detector.proposals: trained``, on the
+    detector's own res4), used as a class-agnostic proposal source for another model: zero-shot
+    RPN mode and pseudo-labelling on data that has no offline RPN (ShapesWorld), as the paper
+    uses an RPN trained on base-class boxes. Called like the offline RPNs: a list of images
+    [3, H, W] (RGB 0..255) -> per image ``.boxes`` [R, 4] and ``.objectness_logits`` [R];
+    ``settings`` (an :class:`~rclip_core.models.proposals.RPNSettings`) reads and sets its
+    test-time top-k and NMS (the detector's own: NMS 0.7, its post-NMS top-k)."""
+
+    kind = "detector"
+
+    def __init__(self, detector: torch.nn.Module):
+        super().__init__()
+        if getattr(detector, "proposal_generator", None) is None:
+            raise WeightsError("the detector file has no trained RPN",
+                               "train the detector with detector.proposals=trained, or pass an rpn_*.pth")
+        self.detector = detector.eval()
+
+    @property
+    def settings(self):
+        from rclip_core.models.proposals import RPNSettings
+
+        g = self.detector.proposal_generator
+        return RPNSettings(pre_nms_topk=int(g._pre_nms_top_n["testing"]),
+                           post_nms_topk=int(g._post_nms_top_n["testing"]), nms_thresh=float(g.nms_thresh))
+
+    @settings.setter
+    def settings(self, value) -> None:
+        g = self.detector.proposal_generator
+        g._pre_nms_top_n["testing"] = int(value.pre_nms_topk)
+        g._post_nms_top_n["testing"] = int(value.post_nms_topk)
+        g.nms_thresh = float(value.nms_thresh)
+
+    @torch.no_grad()
+    def forward(self, images: list[torch.Tensor]) -> list[DetectorProposals]:
+        det = self.detector
+        enc = det.encoder
+        sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        with torch.autocast(device_type=det.device.type, enabled=False):
+            res4 = enc.trunk(enc.batch_images([i.to(det.device, torch.float32) for i in images]))
+            out, _ = det.proposal_generator(res4, sizes, None)
+        return [DetectorProposals(b.float(), lg.float()) for b, lg in out]
+
+
 def load_rpn_file(model: RegionCLIP, path: str | os.PathLike) -> None:
-    """``--rpn-weights``: a standalone ``rpn_*.pth`` or any file carrying ``offline_*`` keys."""
+    """``--rpn-weights``: a standalone ``rpn_*.pth``, any file carrying ``offline_*`` keys, or an
+    rclip detector whose RPN was trained with it (:class:`DetectorRPN`)."""
+    from rclip_core.models.detector import is_detector_file, load_detector
+
     wf = read_weights(path)
+    if (wf.metadata.get("format") == "rclip" and any(k.startswith("trained_rpn.") for k in wf.tensors)
+            and is_detector_file(path)):
+        model.rpn = DetectorRPN(load_detector(path, device=model.device)).to(model.device)
+        model.info.rpn_kind = "trained (detector)"
+        return
     if wf.metadata.get("format") == "rclip":
         state = {k[4:]: v for k, v in wf.tensors.items() if k.startswith("rpn.")}
     else:

@@ -1,0 +1,183 @@
+"""``rclip quickstart``: every stage of RegionCLIP on ShapesWorld, offline, ending in a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rclip_cli._common import console, rclip_command
+from rclip_core.errors import RuntimeFailure
+
+
+def _run_stage(argv: list[str], log: Path) -> tuple[int, float]:
+    """Run ``python -m rclip_cli ARGV`` with its output in ``log``; (exit code, seconds)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("$ rclip " + " ".join(argv) + "\n")
+        f.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "rclip_cli", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)  # pretrain/finetune save a checkpoint on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return code, time.perf_counter() - t0
+
+
+def _last_error(log: Path) -> str:
+    """The first error line of a stage's log (the root cause; torchrun repeats it), else its last line."""
+    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.lower().startswith("error:"):
+            return ln[len("error:"):].strip()
+    return lines[-1] if lines else "no output"
+
+
+@rclip_command("quickstart", short_help="The whole method on ShapesWorld, offline, with a report.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rclip-quickstart"),
+              show_default=True, help="Output directory (a rerun skips the stages finished there).")
+@click.option("--seed", type=int, default=0, show_default=True, help="World, teacher and first pretraining seed.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Repeat the measured stages (pretraining, fine-tuning, evaluation) with K seeds: mean ± std.")
+@click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torchrun processes for region pretraining.")
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(["image-text", "regions", "losses"]),
+              help="Also run the pretraining ablations of paper Tables 5 (image-text), 6 (regions), 7 (losses).")
+@click.option("--train-images", type=click.IntRange(min=100), default=8000, show_default=True,
+              help="ShapesWorld training images.")
+@click.option("--val-images", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="ShapesWorld validation images (all metrics).")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Teacher CLIP steps (batch 128).")
+@click.option("--pretrain-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Region pretraining steps (8 images per process).")
+@click.option("--finetune-steps", type=click.IntRange(min=1), default=240, show_default=True,
+              help="Detector fine-tuning steps (batch 4).")
+@click.option("--dry-run", is_flag=True, help="Print the commands and exit.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[str, ...], train_images: int,
+               val_images: int, teacher_steps: int, pretrain_steps: int, finetune_steps: int, dry_run: bool,
+               device: str, debug: bool) -> None:
+    """Run RegionCLIP end to end on ShapesWorld, offline, and write OUT/report.md + report.json.
+
+    Stages, each the public command it prints: generate a ShapesWorld; train the teacher CLIP
+    on its captions; extract the concept pool; pseudo-label random regions with the teacher;
+    region-text pretraining (torchrun) and an image-text-only control; zero-shot evaluation with
+    ground-truth and RPN boxes; fine-tuning on the base classes from the teacher and from the
+    student; `rclip detect` on val images. A rerun skips the finished stages (OUT/stages/);
+    logs are in OUT/logs/. One seed takes about 15 minutes on 2 CPU cores.
+
+    \b
+    Examples:
+      rclip quickstart                                   # one seed, into rclip-quickstart/
+      rclip quickstart --seeds 3                         # mean ± std over 3 pretraining seeds
+      rclip quickstart --seeds 3 --ablation losses --ablation image-text --ablation regions
+      rclip quickstart --dry-run                         # only print the commands
+    """
+    from rclip_core import quickstart as Q
+    from rclip_core.fileio import atomic_write_json, atomic_write_text, ensure_output_dir
+
+    settings = Q.QuickstartSettings(out=out.resolve(), seed=seed, seeds=seeds, nproc=nproc,
+                                    train_images=train_images, val_images=val_images, teacher_steps=teacher_steps,
+                                    pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+                                    ablations=tuple(dict.fromkeys(ablations)), device=device).validate()
+    Q.recipes_dir()  # fail before any work when the recipes are not there
+    stages = Q.plan(settings)
+    if dry_run:
+        for st in stages:
+            click.echo(st.command())
+        return
+    ensure_output_dir(settings.out)
+    Q.write_recipes(settings)
+
+    timings: dict[str, float] = {}
+    n = len(stages)
+    t_all = time.perf_counter()
+    deps = Q.dependencies(stages)
+    ran: set[str] = set()  # a stage whose input stage ran again runs again too
+    for i, st in enumerate(stages, 1):
+        marker = st.marker(settings.out)
+        stale = bool(deps[st.name] & ran)
+        if not stale and st.done(settings.out):
+            timings[st.name] = float(json.loads(marker.read_text()).get("seconds", 0.0))
+            console.print(f"[dim][{i}/{n}] {st.name}: done earlier, skipped[/]")
+            continue
+        marker.unlink(missing_ok=True)
+        if stale and st.workdir is not None and st.workdir.exists() and st.name != "world":
+            shutil.rmtree(st.workdir)  # made from the old inputs: nothing to resume
+        ran.add(st.name)
+        console.print(f"[bold][{i}/{n}] {st.name}[/]  [cyan]{st.command()}[/]")
+        log = settings.out / "logs" / f"{st.name.replace('@', '_seed')}.log"
+        with console.status(f"{st.name} (log: {log})"):
+            code, seconds = _run_stage(st.argv, log)
+        if code != 0:
+            raise RuntimeFailure(f"stage {st.name} failed (exit {code}): {_last_error(log)}",
+                                 f"full log: {log}; fix it and rerun the same quickstart command to continue")
+        missing = [p for p in st.outputs if not p.exists()]
+        if missing:
+            raise RuntimeFailure(f"stage {st.name} finished without writing {missing[0]}", f"full log: {log}")
+        timings[st.name] = round(seconds, 1)
+        atomic_write_json(marker, {"command": st.command(), "seconds": round(seconds, 1),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        console.print(f"      done in {seconds:.0f} s")
+
+    # ---- report
+    figs = settings.out / "figures"
+    curves = []
+    s0 = settings.out / f"seed{settings.seed}"
+    for path, title, series in (
+        (figs / "teacher_loss.png", "teacher: image-text loss",
+         {"teacher": Q.read_metrics(settings.out / "teacher" / "metrics.jsonl", "total")}),
+        (figs / "pretrain_loss.png", f"region pretraining (seed {settings.seed}): total loss",
+         {"student": Q.read_metrics(s0 / "student" / "metrics.jsonl", "total"),
+          "control": Q.read_metrics(s0 / "control" / "metrics.jsonl", "total")}),
+        (figs / "finetune_loss.png", f"fine-tuning (seed {settings.seed}): total loss",
+         {"from teacher": Q.read_metrics(s0 / "finetune_teacher" / "metrics.jsonl", "loss"),
+          "from student": Q.read_metrics(s0 / "finetune_student" / "metrics.jsonl", "loss")}),
+    ):
+        if Q.plot_curves(series, title, path):
+            curves.append(str(path.relative_to(settings.out)))
+    examples = []
+    for img in sorted((settings.out / "detect").glob("*.jpg"))[:settings.detect_images]:
+        examples.append(str(img.relative_to(settings.out)))
+    commands = [st.command() for st in stages]
+    report = Q.build_report(settings, timings, commands)
+    report["figures"] = {"curves": curves, "examples": examples}
+    atomic_write_json(settings.out / "report.json", report, indent=1)
+    atomic_write_text(settings.out / "report.md", Q.render_markdown(report, curves, examples))
+
+    table = Table(title="RegionCLIP on ShapesWorld", title_justify="left")
+    table.add_column("measure")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    table.add_column("control", justify="right")
+    for label, key in (("zero-shot GT AP50", "zero_shot_gt_ap50_{}"), ("zero-shot GT region acc %", "zero_shot_gt_acc_{}"),
+                       ("zero-shot RPN AP50", "zero_shot_rpn_ap50_{}"), ("image-level acc %", "image_level_acc_{}"),
+                       ("fine-tuned novel AP50", "finetune_ap50_novel_{}_init"),
+                       ("fine-tuned all AP50", "finetune_ap50_all_{}_init")):
+        table.add_row(label, *(Q._fmt(report.get(key.format(w))) for w in ("teacher", "student", "control")))
+    console.print(table)
+    for e in report["effects"]:
+        mark = {True: "[green]holds[/]", False: "[red]does not hold[/]", None: "n/a"}[e["holds"]]
+        console.print(f"{mark}: {e['claim']} (measured {Q._fmt(report.get(e['key']))})")
+    console.print(f"total {time.perf_counter() - t_all:.0f} s this run; wrote {settings.out / 'report.md'} "
+                  f"and {settings.out / 'report.json'}")
+
+
+

@@ -1,0 +1,145 @@
+"""`rclip quickstart`: the plan of public commands, the report arithmetic, and one tiny run of
+every stage end to end (each stage a real subprocess), then a rerun that skips them all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rclip_cli.main import cli
+from rclip_core import quickstart as Q
+from rclip_core.errors import InputError
+
+
+def test_plan_names_every_stage_once_per_seed(tmp_path):
+    s = Q.QuickstartSettings(out=tmp_path, seed=5, seeds=2, ablations=("losses",)).validate()
+    names = [st.name for st in Q.plan(s)]
+    # the first seed's teacher-initialised detector carries the RPN that proposes the regions
+    assert names[:7] == ["world", "teacher", "concepts", "ft_teacher@5", "pseudo_labels", "zs_gt_teacher",
+                         "zs_rpn_teacher"]
+    assert names[-1] == "detect"
+    for seed in (5, 6):
+        for n in ("student", "control", "contrastive_only", "distillation_only", "ft_teacher", "ft_student",
+                  "zs_gt_student", "zs_gt_control", "zs_gt_contrastive_only", "zs_rpn_student"):
+            assert names.count(f"{n}@{seed}") == 1
+    assert len(names) == len(set(names)) == 7 + 10 + 11 + 1  # shared, seed 5, seed 6 (+ ft_teacher), detect
+    cmds = {st.name: st.command() for st in Q.plan(s)}
+    # the world and the teacher use --seed; pretraining seeds differ; the control has no region loss
+    assert "--seed 5" in cmds["world"] and "seed=5" in cmds["teacher"]
+    assert "seed=6" in cmds["student@6"] and "regions.source=shards" in cmds["student@6"]
+    assert f"--proposals rpn --rpn-weights {tmp_path}/seed5/finetune_teacher/detector.safetensors" \
+        in cmds["pseudo_labels"]
+    assert "losses.region_concept_contrastive=0.0" in cmds["control@5"]
+    assert "losses.concept_distillation=0.0" in cmds["contrastive_only@5"]
+    # --min-freq: 2.5 % of the 2 captions per training image
+    assert "--min-freq 400" in cmds["concepts"] and "--attributes colour" in cmds["concepts"]
+    assert f"--rpn-weights {tmp_path}/seed5/finetune_teacher/detector.safetensors" in cmds["zs_rpn_student@6"]
+
+
+@pytest.mark.parametrize("change, message", [({"seeds": 0}, "--seeds"), ({"nproc": 0}, "--nproc"),
+                                             ({"ablations": ("tables",)}, "unknown ablation")])
+def test_bad_settings(tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        Q.QuickstartSettings(out=tmp_path, **change).validate()
+
+
+def test_aggregate_mean_and_sample_std():
+    per_seed = [{"a": 10.0, "b": None}, {"a": 14.0, "b": 1.0}, {"a": 12.0, "b": 2.0}]
+    agg = Q.aggregate(per_seed)
+    assert agg["a"] == {"mean": 12.0, "std": 2.0} and agg["b"] is None
+    assert Q.aggregate(per_seed[:1]) == per_seed[0]
+    assert Q._fmt(agg["a"]) == "12.0 ± 2.0" and Q._fmt(None) == "n/a"
+
+
+def test_effects_and_markdown(tmp_path):
+    v = Q._add_effects({"zero_shot_gt_ap50_student": 70.0, "zero_shot_gt_ap50_teacher": 62.5,
+                        "zero_shot_gt_ap50_control": 69.0, "zero_shot_gt_acc_student": 48.0,
+                        "zero_shot_gt_acc_teacher": 44.0, "zero_shot_rpn_ap50_student": None,
+                        "zero_shot_rpn_ap50_teacher": 10.0, "finetune_ap50_novel_student_init": 31.4,
+                        "finetune_ap50_novel_teacher_init": 14.2})
+    assert v["effect_gt_ap50_student_minus_teacher"] == 7.5
+    assert v["effect_gt_ap50_student_minus_control"] == 1.0
+    assert v["effect_rpn_ap50_student_minus_teacher"] is None
+    assert v["effect_finetune_novel_student_minus_teacher"] == pytest.approx(17.2)
+    s = Q.QuickstartSettings(out=tmp_path)
+    report = {**v, "seeds": [0], "effects": [{"key": k, "claim": c, "margin": m, "value": v[k],
+                                              "holds": v[k] >= m if m else v[k] > 0} for k, m, c in Q.EFFECTS],
+              "ablations": [], "stage_seconds": {"world": 5.0}, "total_seconds": 5.0, "commands": ["rclip x"],
+              "settings": Q._settings_dict(s)}
+    md = Q.render_markdown(report, ["figures/a.png"])
+    assert "| teacher (image-text CLIP, 128 px) | 62.5 | n/a | 44.0 | 10.0 | n/a |" in md
+    assert "(measured" not in md and "| 7.5 | yes |" in md and "| 1.0 | yes |" in md
+    assert "![a](figures/a.png)" in md
+
+
+def test_plot_curves_draws_each_series(tmp_path):
+    path = Q.plot_curves({"a": [(0, 3.0), (10, 1.0)], "b": [(0, 2.0), (10, 2.5)], "empty": []}, "loss",
+                         tmp_path / "c.png")
+    img = Image.open(path)
+    assert img.size == (640, 360)
+    colours = {img.getpixel((x, y)) for x in range(0, 640, 2) for y in range(0, 360, 2)}
+    assert len(colours) > 3  # lines in two class colours besides black and white
+    assert Q.plot_curves({"a": [(0, 1.0)]}, "t", tmp_path / "none.png") is None
+
+
+def test_read_metrics_skips_other_lines(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1, "total": 2.5}\n{"step": 2, "eval": {}}\nnot json\n{"step": 3, "total": 1.5}\n')
+    assert Q.read_metrics(p, "total") == [(1, 2.5), (3, 1.5)]
+    assert Q.read_metrics(tmp_path / "missing.jsonl", "total") == []
+
+
+def test_tiny_run_end_to_end_then_everything_is_skipped(tmp_path):
+    """Every stage runs as its public command on a tiny world (minutes of work shrunk to a few
+    steps), the report has every key, and a second run skips all stages."""
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), "--train-images", "120", "--val-images", "12", "--teacher-steps", "2",
+            "--pretrain-steps", "2", "--finetune-steps", "2", "--nproc", "1", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output + "".join(
+        p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))[-2:]) if (out / "logs").exists() else ""
+    report = json.loads((out / "report.json").read_text())
+    for key in ("zero_shot_gt_ap50_teacher", "zero_shot_gt_ap50_student", "zero_shot_gt_ap50_control",
+                "zero_shot_gt_acc_teacher", "zero_shot_gt_acc_student", "zero_shot_rpn_ap50_teacher",
+                "zero_shot_rpn_ap50_student", "finetune_ap50_novel_teacher_init", "finetune_ap50_novel_student_init",
+                "finetune_ap50_base_teacher_init", "finetune_ap50_all_student_init", "image_level_acc_teacher",
+                "image_level_acc_student"):
+        assert isinstance(report[key], float), key
+        assert 0.0 <= report[key] <= 100.0, key
+    assert report["seeds"] == [0] and len(report["commands"]) == 14
+    assert {e["key"] for e in report["effects"]} == {k for k, _, _ in Q.EFFECTS}
+    md = (out / "report.md").read_text()
+    assert "## Zero-shot region recognition" in md and "rclip pretrain" in md
+    # curves need two logged points (2 steps log one); every figure listed exists
+    assert all((out / f).is_file() for f in report["figures"]["curves"] + report["figures"]["examples"])
+    assert len(report["figures"]["examples"]) == 4
+    assert len(list((out / "detect").glob("*.jpg"))) == 4
+    # the concept pool came from the captions (colour + shape pairs)
+    pool = [line.split(",")[0] for line in (out / "concepts.txt").read_text().splitlines()]
+    assert pool and all(len(c.split()) >= 1 for c in pool)
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("done earlier, skipped") == 14
+
+
+def test_failed_stage_is_one_line_and_resumable(tmp_path):
+    out = tmp_path / "qs"
+    (out / "world").mkdir(parents=True)
+    (out / "world" / "junk.txt").write_text("not a world")  # rclip data shapes refuses a non-empty folder
+    res = CliRunner().invoke(cli, ["quickstart", "--out", str(out), "--train-images", "100", "--val-images", "10"])
+    assert res.exit_code == 1
+    assert "stage world failed" in res.output and "Traceback" not in res.output
+    assert not (out / "stages" / "world.json").exists() and not (out / "report.json").exists()
+
+
+def test_dry_run_prints_the_commands(tmp_path):
+    res = CliRunner().invoke(cli, ["quickstart", "--out", str(tmp_path / "q"), "--dry-run", "--seeds", "2"])
+    assert res.exit_code == 0
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 7 + 6 + 7 + 1 and all(line.startswith("rclip ") for line in lines)
+    assert not (tmp_path / "q").exists()
