@@ -276,8 +276,7 @@ def image_text_contrastive(
     When ``torch.distributed`` is initialised and ``gather`` is True, both embeddings are
     L2-normalised, every process's batch is first cut to the smallest per-process batch (as the
     official ``gather_tensors``), and then all-gathered WITH gradient flow
-    (``torch.distributed.nn.functional.all_gather``, the counterpart of the official diffdist
-    gather). Every process then computes the full G x G matrix and the same loss value, which
+    (:class:`_AllGather`, the counterpart of the official diffdist gather). Every process then computes the full G x G matrix and the same loss value, which
     is the official variant (labels are the global diagonal ``arange(G)``).
 
     Gradients: the backward of the gathering sums, over all processes, the gradient each one
@@ -311,10 +310,33 @@ def image_text_contrastive(
     return (F.cross_entropy(scores, labels) + F.cross_entropy(scores.t(), labels)) / 2
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather of equally shaped tensors with gradient flow: forward concatenates every
+    process's tensor along dim 0; backward sums the gradients all processes computed for that
+    concatenation and returns this process's slice (diffdist's and
+    ``torch.distributed.nn.functional.all_gather``'s semantics, whose API is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def _gather_with_grad(*tensors: Tensor) -> tuple[Tensor, ...]:
     """All-gather [B, D] tensors along dim 0 after cutting each process to the smallest B."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     world = dist.get_world_size()
     device = tensors[0].device
@@ -326,8 +348,7 @@ def _gather_with_grad(*tensors: Tensor) -> tuple[Tensor, ...]:
     min_bs = int(min(int(s.item()) for s in sizes))
     out = []
     for t in tensors:
-        parts = dist_fn.all_gather(t[:min_bs].contiguous())
-        out.append(torch.cat(list(parts), dim=0))
+        out.append(_AllGather.apply(t[:min_bs].contiguous()))
     return tuple(out)
 
 

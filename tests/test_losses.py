@@ -314,3 +314,48 @@ def test_focal_scaled_ce_is_finite_when_the_target_probability_is_one():
     assert float(logits.grad[0].abs().max()) < 1e-30
     p = math.exp(1) / (math.exp(1) + 2)
     assert float(loss.detach()) == pytest.approx(-math.log(p) * (1 - p) ** 0.5 / 2, rel=1e-6)
+
+
+def _gather_worker(rank: int, world: int, port: int, img: torch.Tensor, txt: torch.Tensor, q) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = img.shape[0] // world
+        mine_i = img[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        mine_t = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        loss = image_text_contrastive(mine_i, mine_t, temperature=0.05, gather=True)
+        loss.backward()
+        q.put((rank, loss.item(), mine_i.grad, mine_t.grad))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_image_text_contrastive_gathered_over_two_processes_equals_one_global_batch():
+    """Two gloo processes with 3 rows each: the same loss as one process holding all 6, and
+    each process's rows get world_size x the global-batch gradient (DDP then averages)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    full_i, full_t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    ref = image_text_contrastive(full_i, full_t, temperature=0.05, gather=False)
+    ref.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, img, txt, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(q.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, loss, gi, gt in results:
+        assert loss == pytest.approx(ref.item(), rel=1e-6)
+        assert torch.allclose(gi, 2 * full_i.grad[rank * 3:(rank + 1) * 3], atol=1e-6)
+        assert torch.allclose(gt, 2 * full_t.grad[rank * 3:(rank + 1) * 3], atol=1e-6)
