@@ -77,11 +77,12 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
     """Run RegionCLIP end to end on ShapesWorld, offline, and write OUT/report.md + report.json.
 
     Stages, each the public command it prints: generate a ShapesWorld; train the teacher CLIP
-    on its captions; extract the concept pool; pseudo-label random regions with the teacher;
-    region-text pretraining (torchrun) and an image-text-only control; zero-shot evaluation with
-    ground-truth and RPN boxes; fine-tuning on the base classes from the teacher and from the
-    student; `rclip detect` on val images. A rerun skips the finished stages (OUT/stages/);
-    logs are in OUT/logs/. One seed takes about 15 minutes on 2 CPU cores.
+    on its captions; extract the concept pool; fine-tune a detector from the teacher on the base
+    classes (its RPN proposes the regions); pseudo-label RPN regions with the teacher; region-text
+    pretraining (torchrun) and an image-text-only control; zero-shot evaluation with
+    ground-truth and RPN boxes; fine-tuning from the student; `rclip detect` on val images. A
+    rerun skips the finished stages (OUT/stages/) and reruns those whose inputs were remade;
+    logs are in OUT/logs/. One seed takes about 15-20 minutes on 2 CPU cores.
 
     \b
     Examples:
