@@ -326,7 +326,7 @@ def _gather_worker(rank: int, world: int, port: int, img: torch.Tensor, txt: tor
         mine_t = txt[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         loss = image_text_contrastive(mine_i, mine_t, temperature=0.05, gather=True)
         loss.backward()
-        q.put((rank, loss.item(), mine_i.grad, mine_t.grad))
+        q.put((rank, loss.item(), mine_i.grad.tolist(), mine_t.grad.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -346,16 +346,18 @@ def test_image_text_contrastive_gathered_over_two_processes_equals_one_global_ba
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork after the parent's OpenMP pool has run can hang the child
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, img, txt, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(q.get(timeout=60) for _ in procs)
+    results = sorted(q.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     for rank, loss, gi, gt in results:
+        gi, gt = torch.tensor(gi), torch.tensor(gt)
         assert loss == pytest.approx(ref.item(), rel=1e-6)
         assert torch.allclose(gi, 2 * full_i.grad[rank * 3:(rank + 1) * 3], atol=1e-6)
         assert torch.allclose(gt, 2 * full_t.grad[rank * 3:(rank + 1) * 3], atol=1e-6)
