@@ -285,7 +285,7 @@ def _elliptic_noun(token: "Token", colour: frozenset[str]) -> bool:
 def _is_noun(token: "Token", colour: frozenset[str], forced: set[int]) -> bool:
     if token.i in forced:
         return True
-    if token.pos_ in ("ADJ", "VERB") and _elliptic_noun(token, colour):
+    if _elliptic_noun(token, colour):
         return True
     if token.pos_ not in ("NOUN", "PROPN") or not token.is_alpha or token.like_num or token.lower_ in colour:
         return False

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from rclip_core.errors import InputError
+from rclip_core.errors import InputError, RclipError
 
 #: Prompt templates in the style of ShapesWorld captions (the teacher never saw "a photo of a
 #: {}." with a full stop; the shipped recipes use the same four).
@@ -369,7 +369,7 @@ def pseudo_label_quality(shards_dir: Path, instances: Path, iou: float = 0.5) ->
         return None
     try:
         shards = PseudoLabelShards(shards_dir)
-    except Exception:  # noqa: BLE001 - a diagnostic: no report line rather than no report
+    except RclipError:  # an unreadable directory: no report line rather than no report
         return None
     names = {c["id"]: c["name"] for c in gt.get("categories", [])}
     by_file = {im["file_name"]: im["id"] for im in gt.get("images", [])}

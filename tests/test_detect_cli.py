@@ -356,3 +356,12 @@ def test_detect_with_an_exported_detector_alone(tmp_path):
     r = CliRunner().invoke(cli, ["detect", str(img), "--weights", str(det), "--boxes", str(boxes),
                                  "--out", str(out3), "--device", "cpu"])
     assert r.exit_code == 2 and "do not apply" in r.output and not out3.exists()
+
+
+def test_short_side_below_range_is_refused_before_any_output(tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["detect", str(Path(__file__).parent / "data" / "sample_img1.jpg"),
+                                   "--short-side", "8", "--classes", "a", "--model", "test-micro",
+                                   "--random-init", "--proposals", "grid", "--out", str(out)])
+    assert res.exit_code == 2 and "--short-side" in res.output and "Traceback" not in res.output
+    assert not out.exists()

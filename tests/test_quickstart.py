@@ -143,3 +143,18 @@ def test_dry_run_prints_the_commands(tmp_path):
     lines = res.output.strip().splitlines()
     assert len(lines) == 7 + 6 + 7 + 1 and all(line.startswith("rclip ") for line in lines)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "FILE"], "is a file"),
+    (["--seeds", "0"], "--seeds"),
+    (["--ablation", "tables"], "--ablation"),
+])
+def test_bad_inputs_exit_2_in_one_line_and_write_nothing(tmp_path, args, message):
+    f = tmp_path / "FILE"
+    f.write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    res = CliRunner().invoke(cli, ["quickstart", *[str(f) if a == "FILE" else a for a in args]])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert sorted(tmp_path.rglob("*")) == before and f.read_text() == "x"

@@ -120,7 +120,7 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
             console.print(f"[dim][{i}/{n}] {st.name}: done earlier, skipped[/]")
             continue
         marker.unlink(missing_ok=True)
-        if stale and st.workdir is not None and st.workdir.exists() and st.name != "world":
+        if stale and st.workdir is not None and st.workdir.exists():
             shutil.rmtree(st.workdir)  # made from the old inputs: nothing to resume
         ran.add(st.name)
         console.print(f"[bold][{i}/{n}] {st.name}[/]  [cyan]{st.command()}[/]")

@@ -702,7 +702,7 @@ class Detector(nn.Module):
 
     INFERENCE_SETTINGS = ("score_thresh", "nms_thresh", "max_dets", "fusion", "soft_nms", "soft_nms_sigma",
                           "soft_nms_prune", "chunk_size", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_test",
-                          "offline_rpn_pre_nms_topk", "offline_rpn_post_nms_topk", "offline_rpn_nms")
+                          "offline_rpn_pre_nms_topk", "offline_rpn_post_nms_topk", "offline_rpn_nms", "rpn_nms")
 
     def update_settings(self, **changes: Any) -> None:
         """Change test-time settings (``--score-thresh``, ``--nms``, ``--max-dets``, ``--fusion``,
@@ -715,6 +715,7 @@ class Detector(nn.Module):
         if self.proposal_generator is not None:
             self.proposal_generator._pre_nms_top_n["testing"] = self.settings.rpn_pre_nms_topk_test
             self.proposal_generator._post_nms_top_n["testing"] = self.settings.rpn_post_nms_topk_test
+            self.proposal_generator.nms_thresh = self.settings.rpn_nms
         elif self.regionclip.rpn is not None:
             self._configure_offline_rpn()
 

@@ -306,16 +306,15 @@ class DetectorRPN(torch.nn.Module):
     def settings(self):
         from rclip_core.models.proposals import RPNSettings
 
-        g = self.detector.proposal_generator
-        return RPNSettings(pre_nms_topk=int(g._pre_nms_top_n["testing"]),
-                           post_nms_topk=int(g._post_nms_top_n["testing"]), nms_thresh=float(g.nms_thresh))
+        s = self.detector.settings
+        return RPNSettings(pre_nms_topk=s.rpn_pre_nms_topk_test, post_nms_topk=s.rpn_post_nms_topk_test,
+                           nms_thresh=s.rpn_nms)
 
     @settings.setter
     def settings(self, value) -> None:
-        g = self.detector.proposal_generator
-        g._pre_nms_top_n["testing"] = int(value.pre_nms_topk)
-        g._post_nms_top_n["testing"] = int(value.post_nms_topk)
-        g.nms_thresh = float(value.nms_thresh)
+        self.detector.update_settings(rpn_pre_nms_topk_test=int(value.pre_nms_topk),
+                                      rpn_post_nms_topk_test=int(value.post_nms_topk),
+                                      rpn_nms=float(value.nms_thresh))
 
     @torch.no_grad()
     def forward(self, images: list[torch.Tensor]) -> list[DetectorProposals]:
@@ -331,11 +330,10 @@ class DetectorRPN(torch.nn.Module):
 def load_rpn_file(model: RegionCLIP, path: str | os.PathLike) -> None:
     """``--rpn-weights``: a standalone ``rpn_*.pth``, any file carrying ``offline_*`` keys, or an
     rclip detector whose RPN was trained with it (:class:`DetectorRPN`)."""
-    from rclip_core.models.detector import is_detector_file, load_detector
+    from rclip_core.models.detector import load_detector
 
     wf = read_weights(path)
-    if (wf.metadata.get("format") == "rclip" and any(k.startswith("trained_rpn.") for k in wf.tensors)
-            and is_detector_file(path)):
+    if wf.metadata.get("format") == "rclip" and any(k.startswith("trained_rpn.") for k in wf.tensors):
         model.rpn = DetectorRPN(load_detector(path, device=model.device)).to(model.device)
         model.info.rpn_kind = "trained (detector)"
         return
