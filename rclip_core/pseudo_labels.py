@@ -115,6 +115,7 @@ class LabelSettings:
 
     proposals: str = "rpn"  # rpn | random
     regions_per_image: int = 100  # PRETRAIN_SAMPLE_REGIONS
+    rpn_topk: int = 300  # RPN proposals kept after NMS 0.5, before sampling (PRETRAIN_RPN_REGIONS)
     threshold: float = 0.1  # CONCEPT_THRES, strict
     temperature: float = 0.01  # s_temp
     topk: int = 0  # teacher logits kept per region for distillation (0: none)
@@ -132,6 +133,8 @@ class LabelSettings:
             raise InputError(f"unknown proposal mode {self.proposals!r}", "use rpn or random")
         if self.regions_per_image < 1:
             raise InputError(f"regions per image must be >= 1, got {self.regions_per_image}")
+        if self.rpn_topk < 1:
+            raise InputError(f"RPN top-k must be >= 1, got {self.rpn_topk}")
         if not 0.0 <= self.threshold < 1.0:
             raise InputError(f"threshold must be in [0, 1), got {self.threshold}")
         if not self.temperature > 0:
@@ -290,14 +293,15 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _rpn_settings_for(kind: str, regions: int):
+def _rpn_settings_for(kind: str, topk: int = 300):
     from dataclasses import replace
 
     from rclip_core.models.proposals import RPN_KINDS, rpn_settings
 
-    # NMS 0.5, 300 after NMS (spec 4.3); a detector's trained RPN (one level) takes the FPN values
+    # NMS 0.5, `topk` kept after NMS (spec 4.3: 300); a detector's trained RPN (one level) takes the
+    # FPN values
     s = rpn_settings("pretraining", kind if kind in RPN_KINDS else "lvis_866_fpn")
-    return replace(s, post_nms_topk=max(s.post_nms_topk, regions))
+    return replace(s, post_nms_topk=int(topk))
 
 
 def image_proposals(model, prep: PreparedImage, key: str, settings: LabelSettings) -> Tensor:
@@ -491,7 +495,7 @@ class PseudoLabeler:
             if model.rpn is None:
                 raise InputError("--proposals rpn needs an offline RPN, and the teacher carries none",
                                  "pass --rpn-weights rpn_lvis_866.pth, or use --proposals random")
-            model.rpn.settings = _rpn_settings_for(model.rpn.kind, settings.regions_per_image)
+            model.rpn.settings = _rpn_settings_for(model.rpn.kind, settings.rpn_topk)
         if rank is None or world_size is None:
             from rclip_core.engine.distributed import get_rank, get_world_size
 

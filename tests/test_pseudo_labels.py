@@ -240,6 +240,19 @@ def test_rpn_proposals_use_the_pretraining_preset(world, tmp_path):
     perm = torch.randperm(proposals.shape[0], generator=torch.Generator().manual_seed(image_seed(0, key)))
     assert torch.equal(PseudoLabelShards(tmp_path / "o").lookup(key)["boxes"], proposals[perm[:10]])
 
+    # --rpn-topk: fewer proposals kept after NMS (scenes with few objects), the draw from those
+    few = PseudoLabeler(model, CONCEPTS, world["emb"], images, tmp_path / "o12",
+                        LabelSettings(proposals="rpn", short_side=SIZE, regions_per_image=10, rpn_topk=12),
+                        concept_pool_sha256="-", rank=0, world_size=1)
+    assert model.rpn.settings.post_nms_topk == 12 and few.header["rpn"]["post_nms_topk"] == 12
+    few.run(few.prepare())
+    top = model.rpn([prep.tensor])[0].boxes
+    assert torch.equal(top, proposals[:12])  # the same ranking, cut at 12
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(image_seed(0, key)))
+    assert torch.equal(PseudoLabelShards(tmp_path / "o12").lookup(key)["boxes"], top[perm[:10]])
+    with pytest.raises(InputError, match="RPN top-k"):
+        LabelSettings(rpn_topk=0).validate()
+
 
 # --------------------------------------------------------------------------------------------
 # resuming
@@ -447,6 +460,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, case):
     }[case]
     assert_error(run_cli(*args), out, match)
     assert not (tmp_path / "new").exists()
+
+
+def test_rpn_topk_below_one_is_refused_by_the_option(world, tmp_path):
+    r = run_cli(world["data"], "--teacher", world["teacher"], "--concepts", world["pool"], "--out",
+                tmp_path / "o", "--rpn-topk", 0)
+    assert r.exit_code == 2 and "Invalid value for '--rpn-topk'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,6 +126,19 @@ def test_tiny_run_end_to_end_then_everything_is_skipped(tmp_path):
     assert again.exit_code == 0, again.output
     assert again.output.count("done earlier, skipped") == 14
 
+    # a recipe that is no longer the one a stage ran with (a new rclip version): that stage runs
+    # again from scratch, and so does the stage that reads its output (detect)
+    marker = out / "stages" / "ft_student@0.json"
+    rec = json.loads(marker.read_text())
+    assert set(rec["inputs"]) == {str(out / "recipes" / "shapes_finetune.yaml")}
+    rec["inputs"] = {k: "0" * 64 for k in rec["inputs"]}
+    marker.write_text(json.dumps(rec))
+    (out / "seed0" / "finetune_student" / "stale.txt").write_text("from the old recipe")
+    third = CliRunner().invoke(cli, args)
+    assert third.exit_code == 0, third.output
+    assert third.output.count("done earlier, skipped") == 12
+    assert "ft_student@0" in third.output and not (out / "seed0" / "finetune_student" / "stale.txt").exists()
+
 
 def test_failed_stage_is_one_line_and_resumable(tmp_path):
     out = tmp_path / "qs"

@@ -43,7 +43,11 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
               help="Template averaging (raw = the official concept files).")
 @click.option("--proposals", type=click.Choice(["rpn", "random"]), default="rpn", show_default=True,
               help="rpn: offline RPN, NMS 0.5, 300 kept, N sampled (spec 4.3); random: grid-aligned random boxes.")
-@click.option("--regions-per-image", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--regions-per-image", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Regions labelled per image, drawn at random from the RPN's top proposals.")
+@click.option("--rpn-topk", type=click.IntRange(min=1), default=300, show_default=True,
+              help="RPN proposals kept after NMS 0.5, before the draw (the official 300 suits COCO-like "
+                   "scenes; scale it with the objects per image).")
 @click.option("--threshold", type=float, default=0.1, show_default=True,
               help="Keep a region when the teacher's top probability is above this (strict).")
 @click.option("--temperature", type=float, default=0.01, show_default=True, help="Teacher softmax temperature.")
@@ -213,8 +217,8 @@ def _run(data: str, out_dir: str, o: dict) -> None:
     from rclip_core.pseudo_labels import LabelSettings, PseudoLabeler, collect_label_images
 
     _validate_inputs(data, out_dir, o)
-    fields = ("proposals", "regions_per_image", "threshold", "temperature", "topk", "short_side", "shard_size",
-              "seed", "save_embeddings", "precision", "chunk_size", "workers")
+    fields = ("proposals", "regions_per_image", "rpn_topk", "threshold", "temperature", "topk", "short_side",
+              "shard_size", "seed", "save_embeddings", "precision", "chunk_size", "workers")
     settings = LabelSettings(max_size=o["max_size"] if o["max_size"] is not None else max(1333, o["short_side"]),
                              **{k: o[k] for k in fields}).validate()
     images = collect_label_images(data, o["images_dir"], o["fmt"], o["max_images"])

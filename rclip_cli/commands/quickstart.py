@@ -114,7 +114,8 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
     ran: set[str] = set()  # a stage whose input stage ran again runs again too
     for i, st in enumerate(stages, 1):
         marker = st.marker(settings.out)
-        stale = bool(deps[st.name] & ran)
+        # an input stage ran again, or a recipe it reads changed: its old outputs cannot be resumed
+        stale = bool(deps[st.name] & ran) or st.recipe_changed(settings.out)
         if not stale and st.done(settings.out):
             timings[st.name] = float(json.loads(marker.read_text()).get("seconds", 0.0))
             console.print(f"[dim][{i}/{n}] {st.name}: done earlier, skipped[/]")
@@ -134,7 +135,7 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
         if missing:
             raise RuntimeFailure(f"stage {st.name} finished without writing {missing[0]}", f"full log: {log}")
         timings[st.name] = round(seconds, 1)
-        atomic_write_json(marker, {"command": st.command(), "seconds": round(seconds, 1),
+        atomic_write_json(marker, {"command": st.command(), "inputs": st.inputs(), "seconds": round(seconds, 1),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         console.print(f"      done in {seconds:.0f} s")
 
