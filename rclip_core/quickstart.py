@@ -472,6 +472,9 @@ def build_report(s: QuickstartSettings, timings: Mapping[str, float], commands: 
             "seeds": s.seed_list, "per_seed": {str(sd): v for sd, v in zip(s.seed_list, per_seed)},
             "effects": effects, "ablations": list(s.ablations), "settings": _settings_dict(s),
             "stage_seconds": dict(timings), "total_seconds": round(sum(timings.values()), 1),
+            # what `rclip quickstart` with one seed takes: the shared stages and the first seed's
+            "one_seed_seconds": round(sum(t for k, t in timings.items()
+                                          if "@" not in k or k.endswith(f"@{s.seed}")), 1),
             "commands": list(commands)}
 
 
@@ -488,6 +491,26 @@ def _fmt(x: Any, digits: int = 1) -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return "n/a"
     return f"{x:.{digits}f}"
+
+
+def _diagnosis(r: Mapping[str, Any], acc_t: float | None, acc_c: float | None,
+               q: Mapping[str, Any] | None) -> list[str]:
+    """What the diagnostics say, in sentences that follow the measured signs."""
+    out: list[str] = []
+    right = f" (right on {_fmt(q['accuracy_on_objects'])} % of the regions that cover an object)" if q else ""
+    if acc_t is not None and acc_t <= 0:
+        out.append("The student does not classify ground-truth regions better than its teacher, so its AP50 gain "
+                   "is in how its scores rank boxes across images, not in recognising more regions: it cannot "
+                   f"learn better region labels than the teacher's pseudo labels{right}.")
+    if acc_c is not None and acc_c < 0:
+        out.append("The control, trained on the captions alone at the higher resolution, classifies regions "
+                   f"better than the student ({_fmt(-acc_c)} points): the region-concept targets hold the "
+                   "student near its teacher, which pays only when the teacher is right on regions.")
+    ft = next((e for e in r.get("effects", []) if e["key"] == "effect_finetune_novel_student_minus_teacher"), None)
+    if ft is not None and ft["holds"] is False and acc_t is not None and acc_t <= 0:
+        out.append("Fine-tuning retrains the region head on the base classes, so without better recognition of "
+                   "novel regions there is nothing for it to keep from the student.")
+    return ["", " ".join(out)] if out else []
 
 
 def render_markdown(report: Mapping[str, Any], curves: Iterable[str] = (), examples: Iterable[str] = ()) -> str:
@@ -530,12 +553,7 @@ def render_markdown(report: Mapping[str, Any], curves: Iterable[str] = (), examp
           f"| student - control, GT region top-1 (points) | {_fmt(r.get('effect_gt_acc_student_minus_control'))} |",
           f"| teacher's pseudo labels right on regions that cover an object (%) | "
           f"{_fmt(q['accuracy_on_objects']) if q else 'n/a'} |"]
-    if acc_t is not None and acc_t <= 0:
-        L += ["", "The student does not classify ground-truth regions better than its teacher, so its AP50 gain "
-              "is in how its scores rank boxes across images, not in recognising more regions; it cannot "
-              "learn better region labels than the teacher's pseudo labels. Fine-tuning retrains the region head on the base classes, so it has no better "
-              "recognition of novel regions to keep: the Table 1 effect needs a teacher that is right on "
-              "regions more often than this one."]
+    L += _diagnosis(r, acc_t, acc_c, q)
     for ab in r.get("ablations", []):
         L += ["", f"## {ABLATION_TITLES[ab]}", "", "| pretraining | GT boxes AP50 | GT region acc |", "|---|---|---|",
               f"| full (eq. 5, RPN-box shards) | {_fmt(r.get('zero_shot_gt_ap50_student'))} | "
@@ -554,7 +572,10 @@ def render_markdown(report: Mapping[str, Any], curves: Iterable[str] = (), examp
              [f"![{Path(e).stem}]({e})" for e in examples]
     L += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {k} | {v:.0f} |" for k, v in r["stage_seconds"].items()]
-    L += [f"| **total** | **{r['total_seconds']:.0f}** |", "", "## Commands", "", "```"] + list(r["commands"]) + ["```", ""]
+    L += [f"| **total** | **{r['total_seconds']:.0f}** |"]
+    if n > 1 and r.get("one_seed_seconds") is not None:
+        L += [f"| one seed (shared stages and seed {r['seeds'][0]}) | {r['one_seed_seconds']:.0f} |"]
+    L += ["", "## Commands", "", "```"] + list(r["commands"]) + ["```", ""]
     return "\n".join(L)
 
 

@@ -76,6 +76,29 @@ def test_effects_and_markdown(tmp_path):
     assert "![a](figures/a.png)" in md
 
 
+def test_diagnosis_follows_the_signs_of_the_region_accuracy_gaps(tmp_path):
+    q = {"regions": 10, "share_on_objects": 2.0, "accuracy_on_objects": 23.4}
+    ft_fails = [{"key": "effect_finetune_novel_student_minus_teacher", "holds": False}]
+    text = " ".join(Q._diagnosis({"effects": ft_fails}, -2.9, -5.5, q))
+    assert "does not classify ground-truth regions better than its teacher" in text and "23.4 %" in text
+    assert "better than the student (5.5 points)" in text and "nothing for it to keep" in text
+    # the student recognises more regions than both: nothing to explain
+    assert Q._diagnosis({"effects": ft_fails}, 4.0, 1.0, q) == []
+    # fine-tuning effect holds: no sentence about it
+    text = " ".join(Q._diagnosis({"effects": [{**ft_fails[0], "holds": True}]}, -1.0, 2.0, None))
+    assert "nothing for it to keep" not in text and "control" not in text and "right on" not in text
+
+
+def test_one_seed_time_counts_shared_stages_and_the_first_seed(tmp_path, monkeypatch):
+    s = Q.QuickstartSettings(out=tmp_path, seed=3, seeds=2)
+    monkeypatch.setattr(Q, "pseudo_label_quality", lambda *a, **k: None)
+    r = Q.build_report(s, {"world": 5.0, "teacher": 200.0, "student@3": 80.0, "student@4": 90.0,
+                           "ft_student@3": 150.0, "ft_student@4": 155.0, "detect": 3.0}, ["rclip x"])
+    assert r["total_seconds"] == 683.0 and r["one_seed_seconds"] == 438.0
+    md = Q.render_markdown(r)
+    assert "| one seed (shared stages and seed 3) | 438 |" in md
+
+
 def test_plot_curves_draws_each_series(tmp_path):
     path = Q.plot_curves({"a": [(0, 3.0), (10, 1.0)], "b": [(0, 2.0), (10, 2.5)], "empty": []}, "loss",
                          tmp_path / "c.png")
