@@ -1,10 +1,10 @@
 """Teacher pseudo labels for region-text pretraining (spec 4.3), written as sharded, resumable
 safetensors files that the pretraining engine reads with :class:`PseudoLabelShards`.
 
-For every image: proposals (the offline RPN with the PRETRAINING settings - NMS 0.5, 300 after
-NMS - then ``regions_per_image`` (100) drawn with a seeded ``randperm``; or random grid-aligned
-boxes), the teacher's region embeddings (trunk once, RoIAlign + res5 + attention pool per box),
-p = softmax(cos(region, concept) / T) over the whole concept pool (T = 0.01), the argmax concept
+For every image: proposals (the offline RPN with the PRETRAINING settings - NMS 0.5, ``rpn_topk``
+(300) after NMS - then ``regions_per_image`` (100) drawn with a seeded ``randperm``; or random
+grid-aligned boxes), the teacher's region embeddings (trunk once, RoIAlign + res5 + attention
+pool per box), p = softmax(cos(region, concept) / T) over the whole concept pool (T = 0.01), the argmax concept
 as the label, kept when max p > threshold (0.1, strict) - or every region of the image when none
 passes - and optionally the teacher's top-k logits (cos / T) for distillation.
 
@@ -293,7 +293,7 @@ def image_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _rpn_settings_for(kind: str, topk: int = 300):
+def _rpn_settings_for(kind: str, topk: int):
     from dataclasses import replace
 
     from rclip_core.models.proposals import RPN_KINDS, rpn_settings

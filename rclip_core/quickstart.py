@@ -207,6 +207,9 @@ def plan(s: QuickstartSettings) -> list[Stage]:
     eval_common = ["--dataset", f"shapes:{world}", "--short-side", str(s.region_short_side),
                    "--max-size", str(2 * s.region_short_side), "--templates", str(templates),
                    "--average", "normalized", "--workers", "0", "--batch-size", "16", "--device", s.device]
+    # zero-shot RPN boxes: the same proposals (the world's RPN) for every model and seed, 300 of
+    # them (scenes of 1-4 objects; the official zero-shot 1000 gives the same AP50 here, 40 % slower)
+    rpn_eval = ["--rpn-weights", str(rpn_w), "--rpn-topk", "300"]
     stages = [
         Stage("world", ["data", "shapes", str(world), "--train", str(s.train_images), "--val", str(s.val_images),
                         "--seed", str(s.seed)], [world / "world.json"], workdir=world),
@@ -228,10 +231,8 @@ def plan(s: QuickstartSettings) -> list[Stage]:
         Stage("zs_gt_teacher", ["eval", "--zero-shot", "--boxes", "gt", "--weights", str(teacher_w), *eval_common,
                                 "--json", str(out / "eval" / "zs_gt_teacher.json")],
               [out / "eval" / "zs_gt_teacher.json"]),
-        # the same proposals (the world's RPN) for every model and seed; 300 of them (scenes of 1-4
-        # objects; the official zero-shot 1000 gives the same AP50 here, 40 % slower)
-        Stage("zs_rpn_teacher", ["eval", "--zero-shot", "--boxes", "rpn", "--weights", str(teacher_w),
-                                 "--rpn-weights", str(rpn_w), "--rpn-topk", "300", *eval_common,
+        Stage("zs_rpn_teacher", ["eval", "--zero-shot", "--boxes", "rpn", "--weights", str(teacher_w), *rpn_eval,
+                                 *eval_common,
                                  "--json", str(out / "eval" / "zs_rpn_teacher.json")],
               [out / "eval" / "zs_rpn_teacher.json"]),
     ]
@@ -270,8 +271,8 @@ def plan(s: QuickstartSettings) -> list[Stage]:
                                                          "--json", str(j)], [j], seed))
         j = sd / "eval" / "zs_rpn_student.json"
         stages.append(Stage(f"zs_rpn_student@{seed}", ["eval", "--zero-shot", "--boxes", "rpn", "--weights",
-                                                        str(sd / "student" / "final.safetensors"), "--rpn-weights",
-                                                        str(rpn_w), "--rpn-topk", "300", *eval_common, "--json", str(j)], [j], seed))
+                                                        str(sd / "student" / "final.safetensors"), *rpn_eval,
+                                                        *eval_common, "--json", str(j)], [j], seed))
     val = sorted((world / "val").glob("*.jpg"))[: s.detect_images] if (world / "val").is_dir() else []
     val = val or [world / "val" / f"{i:06d}.jpg" for i in range(1, s.detect_images + 1)]
     stages.append(Stage("detect", ["detect", *map(str, val), "--weights",

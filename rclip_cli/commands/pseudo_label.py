@@ -42,7 +42,8 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 @click.option("--average", type=click.Choice(["raw", "normalized"]), default="raw", show_default=True,
               help="Template averaging (raw = the official concept files).")
 @click.option("--proposals", type=click.Choice(["rpn", "random"]), default="rpn", show_default=True,
-              help="rpn: offline RPN, NMS 0.5, 300 kept, N sampled (spec 4.3); random: grid-aligned random boxes.")
+              help="rpn: offline RPN, NMS 0.5, --rpn-topk kept, N sampled (spec 4.3); random: grid-aligned "
+                   "random boxes.")
 @click.option("--regions-per-image", type=click.IntRange(min=1), default=100, show_default=True,
               help="Regions labelled per image, drawn at random from the RPN's top proposals.")
 @click.option("--rpn-topk", type=click.IntRange(min=1), default=300, show_default=True,
