@@ -13,13 +13,14 @@ that a rerun skips it):
                         trained on base-class boxes only, is the world's proposal network (the
                         paper's LVIS-866 RPN is trained on LVIS base classes)
 ``pseudo_labels``       ``rclip pseudo-label``: the teacher's concept for RPN regions (NMS 0.5,
-                        300, sampled) of every training image, at 2x the teacher's resolution
+                        300, sampled) of the training images a pretraining run reads (steps x
+                        images per step: one epoch), at 2x the teacher's resolution
 ``zs_gt_teacher``       ``rclip eval --zero-shot --boxes gt`` of the teacher
 ``zs_rpn_teacher``      ... with the world's RPN boxes
 per seed ``s``:
 ``student``             ``rclip pretrain`` (regionclip, ``--nproc``): region-text pretraining
                         from the shards (eq. 5: contrastive + distillation + image-text)
-``control``             the same steps with the image-text loss alone
+``control``             the same steps and images with the image-text loss alone
 ``ft_teacher``          ``rclip finetune`` on the base classes from the teacher (other seeds)
 ``ft_student``          ... and from the student; novel/base/all AP50
 ``zs_gt_*``             zero-shot with ground-truth boxes: student, control
@@ -86,6 +87,7 @@ class QuickstartSettings:
     val_images: int = 1000
     teacher_steps: int = 400
     pretrain_steps: int = 200
+    pretrain_batch: int = 8  # images per process and step (shapes_regionclip.yaml)
     finetune_steps: int = 240
     region_short_side: int = 256  # 2x the teacher's 128 px (the paper: CLIP 224 -> detection 800)
     regions_per_image: int = 32
@@ -106,6 +108,12 @@ class QuickstartSettings:
         if bad:
             raise InputError(f"unknown ablation {bad[0]!r}", f"choose from: {', '.join(ABLATIONS)}")
         return self
+
+    @property
+    def pretrain_images(self) -> int:
+        """The training images one pretraining run reads: steps x images per step (one epoch).
+        Only these are pseudo-labelled, as the official code labels each batch it trains on."""
+        return min(self.train_images, self.pretrain_steps * self.pretrain_batch * self.nproc)
 
     @property
     def seed_list(self) -> list[int]:
@@ -226,7 +234,8 @@ def plan(s: QuickstartSettings) -> list[Stage]:
                                 "normalized", "--topk", "100", "--proposals", "rpn", "--rpn-weights", str(rpn_w),
                                 "--regions-per-image", str(s.regions_per_image), "--short-side",
                                 str(s.region_short_side), "--max-size", str(2 * s.region_short_side),
-                                "--seed", str(s.seed), "--out", str(labels), "--device", s.device],
+                                "--seed", str(s.seed), "--max-images", str(s.pretrain_images),
+                                "--out", str(labels), "--device", s.device],
               [labels / "index.json"], workdir=labels),
         Stage("zs_gt_teacher", ["eval", "--zero-shot", "--boxes", "gt", "--weights", str(teacher_w), *eval_common,
                                 "--json", str(out / "eval" / "zs_gt_teacher.json")],
@@ -243,6 +252,7 @@ def plan(s: QuickstartSettings) -> list[Stage]:
                         "max_steps": s.pretrain_steps, "checkpoint_every": s.pretrain_steps,
                         "optim.steps": f"[{int(s.pretrain_steps * 0.75)}]",
                         "regions.per_image": s.regions_per_image,
+                        "batch.images_per_process": s.pretrain_batch, "data.max_images": s.pretrain_images,
                         "data.short_sides": f"[{s.region_short_side}]", "data.max_size": 2 * s.region_short_side,
                         "eval.short_side": s.region_short_side}
         runs: dict[str, dict[str, Any]] = {

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rclip_cli.main import cli
 from rclip_core.config import build_recipe
-from rclip_core.engine.pretrain_recipe import PretrainRecipe, load_pretrain_recipe
+from rclip_core.engine.pretrain_recipe import DataConfig, PretrainRecipe, load_pretrain_recipe
 from rclip_core.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,6 +273,27 @@ def test_data_order_resumes_exactly_and_ignores_workers(world):
     k0, k1 = {x[0] for x in keys(r0, 6)}, {x[0] for x in keys(r1, 6)}
     assert len(k0) == len(k1) == 6 and not k0 & k1
     assert {x[0] for x in first + rest[:7]} == k0 | k1
+
+
+def test_max_images_trains_on_the_first_images_pseudo_label_labels(tmp_path, world):
+    """data.max_images keeps the first N images of the caption file, the same N images (and
+    keys) that ``rclip pseudo-label --max-images N`` labels, so a run over shards of a subset
+    finds every label; tar shards refuse it."""
+    from rclip_core.engine.data import PretrainData, ShortSideResize
+    from rclip_core.pseudo_labels import collect_label_images
+
+    tf = ShortSideResize((64,), 128, flip=False)
+    src = [str(world / "captions_train.jsonl")]
+    full = PretrainData(src, tf, seed=3)
+    sub = PretrainData(src, tf, seed=3, max_images=5)
+    assert full.num_images == 12 and sub.num_images == 5
+    labelled = collect_label_images(world / "captions_train.jsonl", max_images=5)
+    assert [e.image_key for e in sub.entries] == [it.key for it in labelled.items] == \
+        [e.image_key for e in full.entries[:5]]
+    seen = [s.image_key for s in sub.next_batch(10)]  # two epochs over the five
+    assert sorted(seen[:5]) == sorted(seen[5:]) == sorted(e.image_key for e in sub.entries)
+    with pytest.raises(ValueError, match="max_images"):
+        DataConfig(max_images=0)
 
 
 def test_tar_shards_stream_and_resume(tmp_path, world):

@@ -34,6 +34,13 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
     assert f"--proposals rpn --rpn-weights {tmp_path}/seed5/finetune_teacher/detector.safetensors" \
         in cmds["pseudo_labels"]
     assert "losses.region_concept_contrastive=0.0" in cmds["control@5"]
+    # only the images one pretraining run reads are labelled (200 steps x 8 images x 2 processes),
+    # and every pretraining run, the control's included, trains on exactly those
+    assert s.pretrain_images == 3200 and "--max-images 3200" in cmds["pseudo_labels"]
+    for name in ("student@5", "control@6", "contrastive_only@6"):
+        assert "data.max_images=3200" in cmds[name] and "batch.images_per_process=8" in cmds[name]
+    small = Q.QuickstartSettings(out=tmp_path, train_images=1000, nproc=1).validate()
+    assert small.pretrain_images == 1000  # never more than the world has
     assert "losses.concept_distillation=0.0" in cmds["contrastive_only@5"]
     # --min-freq: 2.5 % of the 2 captions per training image
     assert "--min-freq 400" in cmds["concepts"] and "--attributes colour" in cmds["concepts"]

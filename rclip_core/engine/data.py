@@ -188,11 +188,12 @@ class PretrainData:
         rank, world_size: this process and the number of processes.
         num_workers: DataLoader workers (decoding and resizing happen there).
         caption_choice: ``random`` (one caption per image and epoch, seeded) or ``first``.
+        max_images: keep only the first N distinct images of the caption files (in order).
     """
 
     def __init__(self, sources: Sequence[str], transform: Any, *, fmt: str | None = None,
                  images_root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, caption_choice: str = "random") -> None:
+                 num_workers: int = 0, caption_choice: str = "random", max_images: int | None = None) -> None:
         from rclip_core.data.captions import ImageTextDataset, resolve_sources
 
         self.transform = transform
@@ -212,6 +213,10 @@ class PretrainData:
         if self.entries and self.shards:
             raise InputError("data.captions mixes caption files and tar shards",
                              hint="use one kind per run (convert the files into shards, or the reverse)")
+        if max_images is not None:
+            if self.shards:
+                raise InputError("data.max_images needs caption files; tar shards are streamed, not indexed")
+            self.entries = self.entries[:max_images]
         if self.entries and len(self.entries) < self.world_size:
             raise InputError(f"only {len(self.entries)} images for {self.world_size} processes")
         self.epoch = 0

@@ -130,6 +130,8 @@ class DataConfig:
     image_size: image_text mode: the square the whole image is resized to; it must be the
         architecture's native resolution (the default), whose attention pool has a fixed grid.
     num_workers: DataLoader worker processes (decoding); 0 = in the training process.
+    max_images: train on the first N distinct images of the caption files only (in file order,
+        the order in which ``rclip pseudo-label --max-images N`` labels them); caption files only.
     """
 
     root: str | None = None
@@ -143,8 +145,11 @@ class DataConfig:
     flip: bool = True
     image_size: int | None = None
     num_workers: int = 4
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"data.max_images must be >= 1, got {self.max_images}")
         if not self.short_sides or any(s < 16 for s in self.short_sides):
             raise ValueError("data.short_sides must list sizes of at least 16 pixels")
         if self.max_size < max(self.short_sides):

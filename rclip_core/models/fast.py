@@ -66,7 +66,7 @@ CL = torch.channels_last
 BIAS_DTYPE = {torch.bfloat16: torch.float32}
 
 __all__ = ["fold_conv_bn", "conv2d", "FastResNet", "FoldedConv", "roi_align_weights", "roi_align_separable",
-           "foldable_norm", "compute_dtype", "tensor_versions"]
+           "roi_align_matmul", "foldable_norm", "compute_dtype", "tensor_versions"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +258,52 @@ def roi_align_separable(feat_nhwc: Tensor, w: RoIWeights, out: Tensor | None = N
     with _one_thread():
         _roi_loop(feat_nhwc, w, ay, ax, out)
     return out
+
+
+class _RoIAlignMatmulBackward(torch.autograd.Function):
+    """torchvision's RoIAlign forward; backward as matrix products with the separable weights."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
+        from torchvision.ops import roi_align
+
+        ctx.save_for_backward(rois)
+        ctx.shape, ctx.output_size, ctx.spatial_scale = features.shape, int(output_size), float(spatial_scale)
+        return roi_align(features, rois, (output_size, output_size), spatial_scale, 0, True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (rois,) = ctx.saved_tensors
+        B, C, H, W = ctx.shape
+        P = ctx.output_size
+        w = roi_align_weights(rois, P, ctx.spatial_scale, H, W)
+        ay, ax = w.ay.to(grad.dtype), w.ax.to(grad.dtype)
+        batch = rois[:, 0].long()
+        out = grad.new_zeros((B, C, H, W))
+        for b in range(B):
+            idx = (batch == b).nonzero().squeeze(1)
+            r = int(idx.numel())
+            if r == 0:
+                continue
+            # rows: [r, 1, H, P] @ [r, C, P, P] -> [r, C, H, P]; columns, summed over the boxes:
+            # [C*H, r*P] @ [r*P, W] -> [C, H, W]
+            t = torch.matmul(ay[idx].transpose(1, 2).unsqueeze(1), grad[idx])
+            t = t.permute(1, 2, 0, 3).reshape(C * H, r * P)
+            out[b] = torch.matmul(t, ax[idx].reshape(r * P, W)).view(C, H, W)
+        return out, None, None, None
+
+
+def roi_align_matmul(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
+    """``roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, aligned=True)``
+    of a [B, C, H, W] map and rois [R, 5], with its backward as matrix products: for each
+    image, ``dF = sum_boxes A_y^T @ dOut @ A_x`` with the separable weights of item 4.
+
+    The training path on CPU, where torchvision's RoIAlign backward is a single-threaded
+    scatter (30 % of a ShapesWorld fine-tuning step, measured with py-spy; 3x slower than this
+    on 512 boxes). The forward is torchvision's itself; the gradient equals torchvision's up to
+    float rounding (the sums run in another order), which ``tests/test_fast.py`` checks.
+    """
+    return _RoIAlignMatmulBackward.apply(features, rois, output_size, spatial_scale)
 
 
 @contextmanager

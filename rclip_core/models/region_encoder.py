@@ -21,7 +21,9 @@ of :mod:`rclip_core.models.fast`: frozen BN folded into the convolutions, channe
 res5's first convolutions moved before RoIAlign where that is less work, and RoIAlign as two
 small matrix products - the same mathematics, float rounding apart. With gradients enabled
 (training), and with ``fast=False`` or inside ``with encoder.plain():``, every call runs the
-plain modules above.
+plain modules above, except that (unless ``fast=False``) RoIAlign of a map that needs
+gradients on CPU takes its separable matrix form (:func:`rclip_core.models.fast.roi_align_matmul`), whose backward is much faster
+than torchvision's.
 """
 
 from __future__ import annotations
@@ -165,8 +167,16 @@ class RegionEncoder(nn.Module):
     def roi_pool(self, res4: Tensor, boxes: Sequence[Tensor]) -> Tensor:
         """RoIAlign (aligned=True, sampling_ratio 0, scale 1/16) of XYXY boxes given in
         resized-image pixels, one [N_i, 4] tensor per image -> [sum N_i, 16w, P, P]."""
-        rois = boxes_to_rois(boxes, res4)
+        return self._roi_align(res4, boxes_to_rois(boxes, res4))
+
+    def _roi_align(self, res4: Tensor, rois: Tensor) -> Tensor:
+        """torchvision's RoIAlign; when training on CPU (and ``fast``) its separable matrix form,
+        whose backward is matrix products instead of torchvision's single-threaded scatter."""
         P = self.pooler_resolution
+        if self.fast and torch.is_grad_enabled() and res4.requires_grad and res4.device.type == "cpu":
+            from rclip_core.models.fast import roi_align_matmul
+
+            return roi_align_matmul(res4, rois, P, self.spatial_scale)
         return roi_align(res4, rois, output_size=(P, P), spatial_scale=self.spatial_scale,
                          sampling_ratio=0, aligned=True)
 
@@ -205,12 +215,7 @@ class RegionEncoder(nn.Module):
             return self.head(self.roi_pool(res4, boxes))
         # RoIAlign per chunk too, so pooled features of all regions never coexist in memory.
         rois = boxes_to_rois(boxes, res4)
-        P = self.pooler_resolution
-        outs = []
-        for r in rois.split(chunk_size):
-            pooled = roi_align(res4, r, output_size=(P, P), spatial_scale=self.spatial_scale,
-                               sampling_ratio=0, aligned=True)
-            outs.append(self.head(pooled))
+        outs = [self.head(self._roi_align(res4, r)) for r in rois.split(chunk_size)]
         return torch.cat(outs)
 
     def forward(self, images: Sequence[Tensor], boxes: Sequence[Tensor], chunk_size: int | None = None
