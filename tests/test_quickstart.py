@@ -41,6 +41,17 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
         assert "data.max_images=3200" in cmds[name] and "batch.images_per_process=8" in cmds[name]
     small = Q.QuickstartSettings(out=tmp_path, train_images=1000, nproc=1).validate()
     assert small.pretrain_images == 1000  # never more than the world has
+    # the teacher labels at its own 128 px; --ablation labels adds the official setting (labels on
+    # the student's 256-px input), which --ablation regions brings along as its reference
+    assert "--short-side 128 --max-size 256" in cmds["pseudo_labels"]
+    assert "pseudo_labels_student_res" not in cmds
+    r = Q.QuickstartSettings(out=tmp_path, ablations=("regions",)).validate()
+    assert r.ablations == ("regions", "labels")
+    rc = {st.name: st.command() for st in Q.plan(r)}
+    assert "--short-side 256 --max-size 512" in rc["pseudo_labels_student_res"]
+    assert f"regions.shards={tmp_path}/pseudo_labels_student_res" in rc["labels_at_student_resolution@0"]
+    assert f"regions.shards={tmp_path}/pseudo_labels " in rc["student@0"] + " "
+    assert "regions.source=random" in rc["random_boxes@0"]
     assert "losses.concept_distillation=0.0" in cmds["contrastive_only@5"]
     # --min-freq: 2.5 % of the 2 captions per training image
     assert "--min-freq 400" in cmds["concepts"] and "--attributes colour" in cmds["concepts"]
@@ -89,8 +100,10 @@ def test_diagnosis_follows_the_signs_of_the_region_accuracy_gaps(tmp_path):
     text = " ".join(Q._diagnosis({"effects": ft_fails}, -2.9, -5.5, q))
     assert "does not classify ground-truth regions better than its teacher" in text and "23.4 %" in text
     assert "better than the student (5.5 points)" in text and "nothing for it to keep" in text
-    # the student recognises more regions than both: nothing to explain
-    assert Q._diagnosis({"effects": ft_fails}, 4.0, 1.0, q) == []
+    # the student recognises more regions than both: said, with both gaps and the labels' accuracy
+    text = " ".join(Q._diagnosis({"effects": []}, 4.0, 1.0, q))
+    assert "better than its teacher (4.0 points) and than the control (1.0 points)" in text and "23.4 %" in text
+    assert "does not" not in text and "nothing for it to keep" not in text
     # fine-tuning effect holds: no sentence about it
     text = " ".join(Q._diagnosis({"effects": [{**ft_fails[0], "holds": True}]}, -1.0, 2.0, None))
     assert "nothing for it to keep" not in text and "control" not in text and "right on" not in text

@@ -57,8 +57,9 @@ def _last_error(log: Path) -> str:
               help="Repeat the measured stages (pretraining, fine-tuning, evaluation) with K seeds: mean ± std.")
 @click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True,
               help="torchrun processes for region pretraining.")
-@click.option("--ablation", "ablations", multiple=True, type=click.Choice(["image-text", "regions", "losses"]),
-              help="Also run the pretraining ablations of paper Tables 5 (image-text), 6 (regions), 7 (losses).")
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(["image-text", "regions", "losses", "labels"]),
+              help="Also run the pretraining ablations of paper Tables 5 (image-text), 6 (regions), 7 (losses), "
+                   "and pseudo labels made on the student's input as the official code does (labels).")
 @click.option("--train-images", type=click.IntRange(min=100), default=8000, show_default=True,
               help="ShapesWorld training images.")
 @click.option("--val-images", type=click.IntRange(min=10), default=1000, show_default=True,
@@ -78,11 +79,12 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
 
     Stages, each the public command it prints: generate a ShapesWorld; train the teacher CLIP
     on its captions; extract the concept pool; fine-tune a detector from the teacher on the base
-    classes (its RPN proposes the regions); pseudo-label RPN regions with the teacher; region-text
-    pretraining (torchrun) and an image-text-only control; zero-shot evaluation with
+    classes (its RPN proposes the regions); pseudo-label RPN regions with the teacher at its own
+    resolution; region-text pretraining (torchrun) and an image-text-only control; zero-shot
+    evaluation with
     ground-truth and RPN boxes; fine-tuning from the student; `rclip detect` on val images. A
     rerun skips the finished stages (OUT/stages/) and reruns those whose inputs were remade;
-    logs are in OUT/logs/. One seed takes about 15-20 minutes on 2 CPU cores.
+    logs are in OUT/logs/. One seed takes about 12 minutes on 2 CPU cores.
 
     \b
     Examples:
