@@ -44,6 +44,9 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
     # the teacher labels at its own 128 px; --ablation labels adds the official setting (labels on
     # the student's 256-px input), which --ablation regions brings along as its reference
     assert "--short-side 128 --max-size 256" in cmds["pseudo_labels"]
+    # 100 RPN proposals at test, for the zero-shot RPN evaluation and the fine-tuned detectors
+    assert "--rpn-topk 100" in cmds["zs_rpn_student@6"] and "--rpn-topk 100" in cmds["zs_rpn_teacher"]
+    assert "detector.rpn.post_nms_topk_test=100" in cmds["ft_student@5"]
     assert "pseudo_labels_student_res" not in cmds
     r = Q.QuickstartSettings(out=tmp_path, ablations=("regions",)).validate()
     assert r.ablations == ("regions", "labels")

@@ -55,7 +55,9 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 @click.option("--topk", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also store the teacher's K best concept logits per region (distillation).")
 @click.option("--short-side", type=click.IntRange(min=1), default=800, show_default=True,
-              help="Resize the short image side to this (ShapesWorld: its image size, e.g. 128).")
+              help="Resize the short image side to this; RPN and teacher see this image. 800 = the official "
+                   "code (the student's input); a small teacher labels best at its training resolution "
+                   "(ShapesWorld: 128).")
 @click.option("--max-size", type=click.IntRange(min=1), default=None,
               help="Longest side limit [default: 1333, or --short-side when that is larger].")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
