@@ -173,10 +173,25 @@ class Stage:
             return None
         return rec if isinstance(rec, dict) else None
 
-    def recipe_changed(self, out: Path) -> bool:
-        """It ran before, but a recipe or template file it reads is no longer the same."""
-        rec = self.recorded(out)
-        return rec is not None and rec.get("inputs", {}) != self.inputs()
+    def started_marker(self, out: Path) -> Path:
+        return out / "stages" / f"{self.name}.started.json"
+
+    def mark_started(self, out: Path) -> None:
+        """Record the command before it runs: an interrupted stage resumes only the same command."""
+        from rclip_core.fileio import atomic_write_json
+
+        atomic_write_json(self.started_marker(out), {"command": self.command(), "inputs": self.inputs()})
+
+    def changed(self, out: Path) -> bool:
+        """It ran before (finished or not) as another command, or a recipe or template file it
+        reads is no longer the same: its old outputs cannot be resumed."""
+        recs = [self.recorded(out)]
+        try:
+            recs.append(json.loads(self.started_marker(out).read_text()))
+        except (OSError, ValueError):
+            pass
+        return any(isinstance(r, dict) and (r.get("command") != self.command() or r.get("inputs", {}) != self.inputs())
+                   for r in recs if r is not None)
 
     def done(self, out: Path) -> bool:
         rec = self.recorded(out)

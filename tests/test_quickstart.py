@@ -186,6 +186,21 @@ def test_tiny_run_end_to_end_then_everything_is_skipped(tmp_path):
     assert "ft_student@0" in third.output and not (out / "seed0" / "finetune_student" / "stale.txt").exists()
 
 
+def test_a_stage_started_or_finished_as_another_command_has_changed(tmp_path):
+    """An interrupted stage resumes only the command that started it: one whose command or
+    recipe changed since (a new quickstart version) is stale, so its workdir is cleared."""
+    rec = tmp_path / "recipes" / "r.yaml"
+    rec.parent.mkdir()
+    rec.write_text("a: 1\n")
+    st = Q.Stage("ft@0", ["finetune", str(rec), "max_steps=10"], [tmp_path / "out.txt"])
+    assert not st.changed(tmp_path)  # never ran
+    st.mark_started(tmp_path)
+    assert not st.changed(tmp_path)  # interrupted, same command: resume it
+    assert Q.Stage("ft@0", ["finetune", str(rec), "max_steps=20"], []).changed(tmp_path)
+    rec.write_text("a: 2\n")
+    assert st.changed(tmp_path)  # the recipe it read is another one now
+
+
 def test_failed_stage_is_one_line_and_resumable(tmp_path):
     out = tmp_path / "qs"
     (out / "world").mkdir(parents=True)

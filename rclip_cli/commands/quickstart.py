@@ -116,8 +116,9 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
     ran: set[str] = set()  # a stage whose input stage ran again runs again too
     for i, st in enumerate(stages, 1):
         marker = st.marker(settings.out)
-        # an input stage ran again, or a recipe it reads changed: its old outputs cannot be resumed
-        stale = bool(deps[st.name] & ran) or st.recipe_changed(settings.out)
+        # an input stage ran again, its command changed or a recipe it reads changed: its old
+        # outputs cannot be resumed
+        stale = bool(deps[st.name] & ran) or st.changed(settings.out)
         if not stale and st.done(settings.out):
             timings[st.name] = float(json.loads(marker.read_text()).get("seconds", 0.0))
             console.print(f"[dim][{i}/{n}] {st.name}: done earlier, skipped[/]")
@@ -126,6 +127,7 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
         if stale and st.workdir is not None and st.workdir.exists():
             shutil.rmtree(st.workdir)  # made from the old inputs: nothing to resume
         ran.add(st.name)
+        st.mark_started(settings.out)
         console.print(f"[bold][{i}/{n}] {st.name}[/]  [cyan]{st.command()}[/]")
         log = settings.out / "logs" / f"{st.name.replace('@', '_seed')}.log"
         with console.status(f"{st.name} (log: {log})"):
