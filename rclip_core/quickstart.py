@@ -167,11 +167,7 @@ class Stage:
 
     def recorded(self, out: Path) -> dict[str, Any] | None:
         """The marker of an earlier successful run (None when there is none or it is unreadable)."""
-        try:
-            rec = json.loads(self.marker(out).read_text())
-        except (OSError, ValueError):
-            return None
-        return rec if isinstance(rec, dict) else None
+        return _read_marker(self.marker(out))
 
     def started_marker(self, out: Path) -> Path:
         return out / "stages" / f"{self.name}.started.json"
@@ -185,19 +181,26 @@ class Stage:
     def changed(self, out: Path) -> bool:
         """It ran before (finished or not) as another command, or a recipe or template file it
         reads is no longer the same: its old outputs cannot be resumed."""
-        recs = [self.recorded(out)]
-        try:
-            recs.append(json.loads(self.started_marker(out).read_text()))
-        except (OSError, ValueError):
-            pass
-        return any(isinstance(r, dict) and (r.get("command") != self.command() or r.get("inputs", {}) != self.inputs())
-                   for r in recs if r is not None)
+        recs = [r for r in (self.recorded(out), _read_marker(self.started_marker(out))) if r is not None]
+        if not recs:
+            return False
+        command, inputs = self.command(), self.inputs()
+        return any(r.get("command") != command or r.get("inputs", {}) != inputs for r in recs)
 
     def done(self, out: Path) -> bool:
         rec = self.recorded(out)
         if rec is None or not all(p.exists() for p in self.outputs):
             return False
         return rec.get("command") == self.command() and rec.get("inputs", {}) == self.inputs()
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """A stage marker's record (None when there is none or it is unreadable)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:

@@ -367,3 +367,18 @@ def test_sigterm_sets_the_stop_flag():
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_trim_metrics_log_keeps_steps_up_to_the_checkpoint(tmp_path):
+    """Shared by pretraining and fine-tuning: a resumed run drops the log lines of the steps it
+    runs again (and unreadable lines); a fresh run starts without the old log."""
+    from rclip_core.engine.checkpoint import trim_metrics_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2, "eval": {}}\nnot json\n{"step": 3}\n[1]\n{"no_step": 0}\n')
+    trim_metrics_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "eval": {}}\n{"no_step": 0}\n'
+    trim_metrics_log(log, 0)
+    assert not log.exists()
+    trim_metrics_log(tmp_path / "missing.jsonl", 3)  # nothing to trim
+    assert not (tmp_path / "missing.jsonl").exists()

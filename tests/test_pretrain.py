@@ -150,6 +150,8 @@ def test_bad_override_and_missing_inputs_fail_early(tmp_path, world):
     p.write_text(yaml.safe_dump(regionclip_tiny(world, tmp_path / "run")))
     res = CliRunner().invoke(cli, ["pretrain", str(p), "optim.lr=fast"])
     assert res.exit_code == 2 and "'optim.lr'" in res.output
+    res = CliRunner().invoke(cli, ["pretrain", str(p), "data.max_images=0"])
+    assert res.exit_code == 2 and "data.max_images must be >= 1" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["pretrain", str(p), "data.captions=[missing.jsonl]"])
     assert res.exit_code == 2 and "data.captions" in res.output and "missing.jsonl" in res.output
     res = CliRunner().invoke(cli, ["pretrain", str(p), "model.teacher.weights=nope.safetensors",

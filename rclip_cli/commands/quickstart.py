@@ -16,6 +16,7 @@ from rich.table import Table
 
 from rclip_cli._common import console, rclip_command
 from rclip_core.errors import RuntimeFailure
+from rclip_core.quickstart import ABLATIONS
 
 
 def _run_stage(argv: list[str], log: Path) -> tuple[int, float]:
@@ -57,7 +58,7 @@ def _last_error(log: Path) -> str:
               help="Repeat the measured stages (pretraining, fine-tuning, evaluation) with K seeds: mean ± std.")
 @click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True,
               help="torchrun processes for region pretraining.")
-@click.option("--ablation", "ablations", multiple=True, type=click.Choice(["image-text", "regions", "losses", "labels"]),
+@click.option("--ablation", "ablations", multiple=True, type=click.Choice(list(ABLATIONS)),
               help="Also run the pretraining ablations of paper Tables 5 (image-text), 6 (regions), 7 (losses), "
                    "and pseudo labels made on the student's input as the official code does (labels).")
 @click.option("--train-images", type=click.IntRange(min=100), default=8000, show_default=True,
@@ -81,10 +82,10 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
     on its captions; extract the concept pool; fine-tune a detector from the teacher on the base
     classes (its RPN proposes the regions); pseudo-label RPN regions with the teacher at its own
     resolution; region-text pretraining (torchrun) and an image-text-only control; zero-shot
-    evaluation with
-    ground-truth and RPN boxes; fine-tuning from the student; `rclip detect` on val images. A
-    rerun skips the finished stages (OUT/stages/) and reruns those whose inputs were remade;
-    logs are in OUT/logs/. One seed takes about 12 minutes on 2 CPU cores.
+    evaluation with ground-truth and RPN boxes; fine-tuning from the student; `rclip detect` on
+    val images. A rerun skips the finished stages (OUT/stages/) and starts over those whose
+    inputs were remade or whose command or recipe changed; logs are in OUT/logs/. One seed takes
+    about 12 minutes on 2 CPU cores.
 
     \b
     Examples:

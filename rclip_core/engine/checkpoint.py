@@ -344,6 +344,27 @@ class StopFlag:
         self._previous.clear()
 
 
+def trim_metrics_log(path: str | os.PathLike, start_step: int) -> None:
+    """A JSON-lines metrics log at the start of a run: deleted for a fresh run (``start_step``
+    0); on resume, the lines of steps after the checkpoint are dropped (they are run again)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= start_step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
 def install_sigterm_handler(signals: Iterable[int] = (signal.SIGTERM,)) -> StopFlag:
     """Make SIGTERM (scheduler preemption, torchrun shutdown) set a flag instead of killing us.
 

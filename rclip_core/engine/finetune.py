@@ -894,7 +894,7 @@ def finetune(recipe: FinetuneRecipe, *, device: str | torch.device | None = None
         if main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
-            _trim_log(out / "metrics.jsonl", start_step)
+            ckpt.trim_metrics_log(out / "metrics.jsonl", start_step)
         barrier()
         say("start", {"start_step": start_step, "max_steps": max_steps, "world_size": world, "per_pass": per_pass,
                       "accumulation": accum, "device": str(dev), "amp": use_amp,
@@ -1041,20 +1041,3 @@ def _append_log(path: Path, line: dict) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def _trim_log(path: Path, start_step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they are run again)."""
-    if not path.is_file():
-        return
-    if start_step == 0:
-        path.unlink()
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line).get("step", 0)) <= start_step:
-                kept.append(line)
-        except (ValueError, AttributeError):
-            continue
-    from rclip_core.fileio import atomic_write_text
-
-    atomic_write_text(path, "".join(k + "\n" for k in kept))

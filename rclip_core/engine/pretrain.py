@@ -668,22 +668,6 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics lines past ``last_step`` (written by a run killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line).get("step", 0)) <= last_step:
-                keep.append(line)
-        except (ValueError, AttributeError):
-            continue
-    from rclip_core.fileio import atomic_write_text
-
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
-
-
 class _TensorBoard:
     def __init__(self, log_dir: Path, purge_step: int | None):
         self.writer = None
@@ -749,7 +733,7 @@ def _run(recipe: PretrainRecipe, info, resume: bool, progress, notify) -> Pretra
     from rclip_core.config import dump_recipe, recipe_to_dict
     from rclip_core.engine.checkpoint import (install_sigterm_handler, list_checkpoints, load_latest,
                                               restore_rng, restore_training_state, rng_state,
-                                              save_checkpoint)
+                                              save_checkpoint, trim_metrics_log)
     from rclip_core.engine.distributed import all_reduce_mean, barrier
     from rclip_core.engine.optim import clip_grad_per_parameter
     from rclip_core.fileio import atomic_write_json, atomic_write_text, ensure_output_dir
@@ -814,10 +798,7 @@ def _run(recipe: PretrainRecipe, info, resume: bool, progress, notify) -> Pretra
         ensure_output_dir(out)
         (out / STOPPED_FILE).unlink(missing_ok=True)
         atomic_write_text(out / RECIPE_FILE, dump_recipe(recipe))
-        if resumed_from is not None:
-            _truncate_metrics(metrics_path, start_step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        trim_metrics_log(metrics_path, start_step if resumed_from is not None else 0)
         if recipe.logging.tensorboard:
             tb = _TensorBoard(out / "tensorboard", purge_step=start_step + 1 if resumed_from else None)
     barrier()

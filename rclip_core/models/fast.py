@@ -301,7 +301,7 @@ def roi_align_matmul(features: Tensor, rois: Tensor, output_size: int, spatial_s
     The training path on CPU, where torchvision's RoIAlign backward is a single-threaded
     scatter (30 % of a ShapesWorld fine-tuning step, measured with py-spy; 3x slower than this
     on 512 boxes). The forward is torchvision's itself; the gradient equals torchvision's up to
-    float rounding (the sums run in another order), which ``tests/test_fast.py`` checks.
+    float rounding (the sums run in another order), which ``tests/test_speed_parity.py`` checks.
     """
     return _RoIAlignMatmulBackward.apply(features, rois, output_size, spatial_scale)
 

@@ -22,8 +22,8 @@ res5's first convolutions moved before RoIAlign where that is less work, and RoI
 small matrix products - the same mathematics, float rounding apart. With gradients enabled
 (training), and with ``fast=False`` or inside ``with encoder.plain():``, every call runs the
 plain modules above, except that (unless ``fast=False``) RoIAlign of a map that needs
-gradients on CPU takes its separable matrix form (:func:`rclip_core.models.fast.roi_align_matmul`), whose backward is much faster
-than torchvision's.
+gradients on CPU backpropagates through its separable matrix form
+(:func:`rclip_core.models.fast.roi_align_matmul`: the same forward, a faster backward).
 """
 
 from __future__ import annotations
