@@ -1,4 +1,5 @@
-"""The open-vocabulary detector (spec 1.6, 1.7, 1.10, 6.2, 6.3): classifier, RoI sampling,
+"""The open-vocabulary detector (``fast_rcnn.py: FastRCNNOutputLayers``, ``box_regression.py``,
+``mask_head.py``, ``roi_heads.py: ROIHeads``, the transfer configs): classifier, RoI sampling,
 box targets and decoding, losses as assembled by the detector, soft-NMS, freezing, masks,
 export / import (rclip files and the official fine-tuned layout)."""
 
@@ -13,30 +14,30 @@ from PIL import Image
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import FrozenBatchNorm2d
 
-from rclip_core.data.transforms import load_image
+from rclip_core.data.images import load_image
 from rclip_core.errors import InputError, WeightsError
-from rclip_core.models.detector import (BOX_REG_WEIGHTS, BoxPredictor, Detector, DetectorSettings, decode_box_deltas,
-                                        fast_rcnn_losses, is_detector_file, load_detector, postprocess_detector,
-                                        rasterize_polygons_within_box, sample_rois, soft_nms_gaussian)
-from rclip_core.models.regionclip import load_model
+from rclip_core.inference import detect_images
+from rclip_core.models.classifier import InferenceConfig, postprocess
+from rclip_core.models.detector import Detector, DetectorConfig
+from rclip_core.models.heads import BoxPredictor
+from rclip_core.models.proposals.trainable import TrainableRPNConfig
+from rclip_core.models.roi_heads import (BOX_REG_WEIGHTS, decode_box_deltas, fast_rcnn_losses,
+                                         rasterize_polygons_within_box, sample_rois, soft_nms_gaussian)
+from rclip_core.weights.loaders import is_detector_file, load_detector, load_model
+from rclip_core.weights.native import save_detector, save_model
 
 K_TRAIN, K_TEST = 3, 5
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 def _micro_detector(seed: int = 0, **settings) -> Detector:
     torch.manual_seed(seed)
     model = load_model(model="test-micro", random_init=True, seed=seed)
     emb = torch.randn(K_TEST, model.embed_dim)
-    s = DetectorSettings(proposals="trained", anchor_sizes=(8.0, 16.0, 32.0), rois_per_image=16,
-                         rpn_pre_nms_topk_train=200, rpn_post_nms_topk_train=50, rpn_pre_nms_topk_test=200,
-                         rpn_post_nms_topk_test=50, **settings)
+    rpn = TrainableRPNConfig(anchor_sizes=[8.0, 16.0, 32.0], pre_nms_topk_train=200, post_nms_topk_train=50,
+                             pre_nms_topk_test=200, post_nms_topk_test=50)
+    s = DetectorConfig(proposals="trained", rpn=rpn, rois_per_image=16, **settings)
     return Detector(model, emb[:K_TRAIN], emb, class_names=[f"c{i}" for i in range(K_TEST)],
-                    train_class_names=[f"c{i}" for i in range(K_TRAIN)], settings=s)
+                    train_class_names=[f"c{i}" for i in range(K_TRAIN)], config=s)
 
 
 def _batch(n: int = 2):
@@ -121,7 +122,7 @@ def test_box_regression_targets_weights_and_class_agnostic_decoding():
     # centres (5, 5) -> (7, 7); sizes (10, 10) -> (12, 10); weights (10, 10, 5, 5)
     t = det.box_coder.encode_single(gt, proposal)
     torch.testing.assert_close(t, torch.tensor([[10 * 2 / 10, 10 * 2 / 10, 5 * math.log(1.2), 0.0]]))
-    assert det.settings.box_reg_weights == BOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
+    assert tuple(det.config.box_reg_weights) == BOX_REG_WEIGHTS == (10.0, 10.0, 5.0, 5.0)
     torch.testing.assert_close(decode_box_deltas(t, proposal), gt)
     # dw/dh clamp at log(1000/16): a huge delta gives a 62.5x wide box, not an overflow
     big = decode_box_deltas(torch.tensor([[0.0, 0.0, 5 * 100.0, 0.0]]), proposal)
@@ -132,13 +133,13 @@ def test_postprocess_threshold_nms_topk_and_soft_nms_values():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [30.0, 30.0, 40.0, 40.0]])
     # K = 2 classes + background; box 1 overlaps box 0 with IoU 0.5
     probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.001, 0.6, 0.399]])
-    hard = postprocess_detector(boxes, probs, (50, 50), None, DetectorSettings(score_thresh=0.001, nms_thresh=0.5))
+    hard = postprocess(boxes, probs, (50, 50), None, InferenceConfig(score_thresh=0.001, nms=0.5))
     # class 0: box 1 suppressed by box 0 (IoU 0.5 > 0.5? no: NMS drops IoU > thresh) -> both stay
     assert hard.classes.tolist() == [0, 0, 1, 1, 1] and hard.box_index.tolist() == [0, 1, 2, 1, 0]
     assert hard.scores.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.1, 0.05])  # 0.001 is not > 0.001
-    hard = postprocess_detector(boxes, probs, (50, 50), None, DetectorSettings(nms_thresh=0.4, max_dets=2))
+    hard = postprocess(boxes, probs, (50, 50), None, InferenceConfig(nms=0.4, max_dets=2))
     assert hard.box_index.tolist() == [0, 2] and hard.classes.tolist() == [0, 1]
-    soft = postprocess_detector(boxes, probs, (50, 50), None, DetectorSettings(soft_nms=True, soft_nms_sigma=0.5))
+    soft = postprocess(boxes, probs, (50, 50), None, InferenceConfig(soft_nms=True, soft_nms_sigma=0.5))
     got = {(int(b), int(c)): float(s) for b, c, s in zip(soft.box_index, soft.classes, soft.scores)}
     decay = math.exp(-(0.5 ** 2) / 0.5)
     assert got[(0, 0)] == pytest.approx(0.9)
@@ -156,9 +157,9 @@ def test_postprocess_threshold_nms_topk_and_soft_nms_values():
 def test_fusion_with_rpn_logits_raw_form():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
     probs = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
-    logits = torch.tensor([4.0, -1.0])  # a negative raw logit -> NaN -> dropped (spec 5.3)
-    s = DetectorSettings(fusion="official", score_thresh=0.0)
-    dets = postprocess_detector(boxes, probs, (50, 50), logits, s)
+    logits = torch.tensor([4.0, -1.0])  # a negative raw logit -> NaN -> dropped (CLIPFastRCNN.inference)
+    s = InferenceConfig(fusion="official", score_thresh=0.0)
+    dets = postprocess(boxes, probs, (50, 50), logits, s)
     assert dets.box_index.tolist() == [0] and dets.scores.tolist() == pytest.approx([math.sqrt(0.5 * 4.0)])
     assert dets.probs.tolist() == pytest.approx([0.5])
 
@@ -236,15 +237,46 @@ def test_training_forward_losses_and_frozen_parameter_sets():
         det.eval()(images, targets)
 
 
+def test_freeze_visual_freeze_at_stages():
+    from rclip_core.models.clip import freeze_visual
+
+    v = load_model(model="test-micro", random_init=True).clip.visual
+    stages = [{"conv1", "conv2", "conv3"}, {"layer1"}, {"layer2"}, {"layer3"}, {"layer4"}]
+
+    def trainable() -> set[str]:
+        return {n.split(".")[0] for n, p in v.named_parameters() if p.requires_grad}
+
+    for freeze_at in range(6):
+        freeze_visual(v, freeze_at)
+        assert trainable() == set().union(*stages[freeze_at:]) | {"attnpool"}
+        assert not v.attnpool.k_proj.bias.requires_grad
+    with pytest.raises(InputError, match="freeze_at"):
+        freeze_visual(v, 6)
+
+
+def test_set_test_proposals_trained_rpn():
+    det = _micro_detector()
+    det.set_test_proposals(post_nms_topk=7, nms=0.6)
+    rpn = det.proposal_generator
+    assert (rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh) == (200, 7, 0.6)
+    assert (det.config.rpn.pre_nms_topk_test, det.config.rpn.post_nms_topk_test, det.config.rpn.nms) == (200, 7, 0.6)
+    with pytest.raises(InputError, match="nms"):
+        det.set_test_proposals(nms=1.5)
+
+
 def test_settings_validation():
-    with pytest.raises(InputError, match="fusion"):
-        DetectorSettings(fusion="max").validate()
-    with pytest.raises(InputError, match="proposals"):
-        DetectorSettings(proposals="grid").validate()
-    with pytest.raises(InputError, match="rois_per_image"):
-        DetectorSettings(rois_per_image=0).validate()
-    assert DetectorSettings.lvis().to_dict()["max_dets"] == 300
-    assert DetectorSettings.from_dict({**DetectorSettings().to_dict(), "future_key": 1}) == DetectorSettings()
+    with pytest.raises(ValueError, match="fusion"):
+        InferenceConfig(fusion="max")
+    with pytest.raises(ValueError, match="proposals"):
+        DetectorConfig(proposals="grid")
+    with pytest.raises(ValueError, match="rois_per_image"):
+        DetectorConfig(rois_per_image=0)
+    with pytest.raises(ValueError, match="nms"):
+        TrainableRPNConfig(nms=0.0)
+    assert InferenceConfig.lvis().to_dict()["max_dets"] == 300
+    assert DetectorConfig.lvis().to_dict()["bg_weight"] == 0.8
+    assert InferenceConfig.from_dict({**InferenceConfig().to_dict(), "future_key": 1}) == InferenceConfig()
+    assert DetectorConfig.from_dict({**DetectorConfig().to_dict(), "future_key": 1}) == DetectorConfig()
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -287,38 +319,41 @@ def test_export_import_round_trip_detects_alone_and_with_new_classes(tmp_path):
     det = _micro_detector()
     det.eval()
     prep = load_image(_image(tmp_path / "img.png"), short=64, max_size=128)
-    want = det.detect([prep])[0]
+    want = detect_images(det, [prep])[0]
     assert len(want) > 0 and want.boxes[:, 2].max() <= 80 and want.boxes[:, 3].max() <= 60  # original pixels
-    path = det.save(tmp_path / "detector.safetensors")
+    path = save_detector(det, tmp_path / "detector.safetensors")
     assert is_detector_file(path)
     loaded = load_detector(path)
     assert loaded.class_names == [f"c{i}" for i in range(K_TEST)] and loaded.train_class_names == ["c0", "c1", "c2"]
-    assert loaded.settings == det.settings and loaded.proposal_generator is not None
-    got = loaded.detect([prep])[0]
+    assert loaded.config == det.config and loaded.inference_config == det.inference_config
+    assert loaded.proposal_generator is not None
+    got = detect_images(loaded, [prep])[0]
     torch.testing.assert_close(got.boxes, want.boxes)
     torch.testing.assert_close(got.scores, want.scores)
     assert torch.equal(got.classes, want.classes)
-    loaded.update_settings(max_dets=2, score_thresh=0.0)  # --max-dets / --score-thresh at detection time
-    assert len(loaded.detect([prep])[0]) == 2
+    loaded.update_inference(max_dets=2, score_thresh=0.0)  # --max-dets / --score-thresh at detection time
+    assert len(detect_images(loaded, [prep])[0]) == 2
     with pytest.raises(InputError, match="after training"):
-        loaded.update_settings(rois_per_image=4)
-    loaded.update_settings(max_dets=det.settings.max_dets, score_thresh=det.settings.score_thresh)
+        loaded.update_inference(rois_per_image=4)
+    with pytest.raises(InputError, match="fusion"):
+        loaded.update_inference(fusion="max")
+    loaded.update_inference(max_dets=det.inference_config.max_dets, score_thresh=det.inference_config.score_thresh)
     # a new vocabulary at detection time, embedded with the text tower inside the file
-    from rclip_core.engine.finetune import set_detector_classes
+    from rclip_core.engine.tasks.detection import set_detector_classes
 
     set_detector_classes(loaded, ["red circle", "blue square"], templates="single")
     assert loaded.class_names == ["red circle", "blue square"] and loaded.test_embeddings.shape == (2, 32)
-    out = loaded.detect([prep])[0]
+    out = detect_images(loaded, [prep])[0]
     assert len(out) > 0 and set(out.classes.tolist()) <= {0, 1}
     # without the text tower new names cannot be embedded, but the stored vocabulary still works
-    small = det.save(tmp_path / "notext.safetensors", include_text=False)
+    small = save_detector(det, tmp_path / "notext.safetensors", include_text=False)
     assert small.stat().st_size < path.stat().st_size
     bare = load_detector(small)
-    torch.testing.assert_close(bare.detect([prep])[0].scores, want.scores)
+    torch.testing.assert_close(detect_images(bare, [prep])[0].scores, want.scores)
     with pytest.raises(InputError, match="no text encoder"):
         set_detector_classes(bare, ["x"])
     # a plain model file is not a detector
-    det.regionclip.save(tmp_path / "plain.safetensors")
+    save_model(det.regionclip, tmp_path / "plain.safetensors")
     assert not is_detector_file(tmp_path / "plain.safetensors")
     with pytest.raises(WeightsError, match="not a detector"):
         load_detector(tmp_path / "plain.safetensors")
@@ -340,7 +375,7 @@ def test_official_finetuned_layout_loads_by_name(tmp_path):
     assert det.num_train_classes == 48 and det.test_embeddings.shape == (65, D)
     assert det.class_names[:3] == ["person", "bicycle", "car"] and det.class_names[4] == "airplane"
     torch.testing.assert_close(det.box_predictor.bbox_pred.bias, sd["roi_heads.box_predictor.bbox_pred.bias"])
-    assert det.settings.max_dets == 100 and det.settings.fusion == "none"  # the COCO test settings
+    assert det.inference_config.max_dets == 100 and det.inference_config.fusion == "none"  # the COCO test settings
     with pytest.raises(InputError, match="no offline RPN"):  # this file carries no RPN
         det.inference([torch.zeros(3, 64, 64)])
     del sd["roi_heads.box_predictor.bbox_pred.weight"]
@@ -350,17 +385,17 @@ def test_official_finetuned_layout_loads_by_name(tmp_path):
 
 
 def test_offline_rpn_detector_frozen_transfer_settings_and_export(tmp_path):
-    from rclip_core.models.proposals import RPNSettings, build_offline_rpn
-    from rclip_core.models.regionclip import attach_rpn
+    from rclip_core.models.proposals.offline import RPNSettings, build_offline_rpn
+    from rclip_core.weights.loaders import attach_rpn
 
     torch.manual_seed(0)
     model = load_model(model="test-micro", random_init=True)
     attach_rpn(model, build_offline_rpn("coco_c4").state_dict())
-    assert model.rpn.settings.nms_thresh == 0.9  # load_model's zero-shot preset ...
+    assert model.rpn.settings.nms == 0.9  # load_model's zero-shot preset ...
     emb = torch.randn(K_TEST, model.embed_dim)
-    det = Detector(model, emb[:K_TRAIN], emb, settings=DetectorSettings(rois_per_image=8))
-    # ... becomes the transfer one: NMS 0.7, 1000 proposals, C4 pre-NMS 6000 (spec 6.1)
-    assert model.rpn.settings == RPNSettings(pre_nms_topk=6000, post_nms_topk=1000, nms_thresh=0.7)
+    det = Detector(model, emb[:K_TRAIN], emb, config=DetectorConfig(rois_per_image=8))
+    # ... becomes the transfer one: NMS 0.7, 1000 proposals, C4 pre-NMS 6000 (Base-RCNN-C4.yaml)
+    assert model.rpn.settings == RPNSettings(pre_nms_topk=6000, post_nms_topk=1000, nms=0.7)
     assert det.proposal_generator is None
     assert not any(p.requires_grad for p in model.rpn.parameters())
     det.train()
@@ -368,9 +403,9 @@ def test_offline_rpn_detector_frozen_transfer_settings_and_export(tmp_path):
     images, targets = _batch(1)
     losses = det(images, targets)
     assert set(losses) == {"loss_cls", "loss_box_reg"}
-    path = det.save(tmp_path / "det.safetensors", include_text=False)
+    path = save_detector(det, tmp_path / "det.safetensors", include_text=False)
     loaded = load_detector(path)
-    assert loaded.regionclip.rpn.kind == "coco_c4" and loaded.settings.proposals == "offline"
+    assert loaded.regionclip.rpn.kind == "coco_c4" and loaded.config.proposals == "offline"
     for k, v in model.rpn.state_dict().items():
         assert torch.equal(loaded.regionclip.rpn.state_dict()[k], v), k
     loaded.eval()

@@ -1,4 +1,5 @@
-"""Offline Detectron2 RPN port, fallback boxes and boxes files (rclip_core.models.proposals)."""
+"""Offline Detectron2 RPN port, fallback boxes (rclip_core.models.proposals) and boxes files
+(rclip_core.data.boxes)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,22 @@ import pytest
 import torch
 
 from rclip_core.errors import InputError, WeightsError
-from rclip_core.models.proposals import (
+from rclip_core.data.boxes import load_boxes_file, lookup_boxes, validate_boxes
+from rclip_core.models.proposals.boxes import grid_boxes, random_boxes
+from rclip_core.models.proposals.offline import (
     AnchorGenerator,
     OfflineRPN,
+    OfflineRPNConfig,
     RPNSettings,
     build_offline_rpn,
     cell_anchors,
     decode_boxes,
     find_top_rpn_proposals,
-    grid_boxes,
-    load_boxes_file,
-    lookup_boxes,
-    random_boxes,
     rpn_settings,
-    validate_boxes,
 )
 
 # --------------------------------------------------------------------------------------------
-# State-dict names (spec §2.2), written out independently of the module code
+# State-dict names of the released rpn_*.pth files, written out independently of the module code
 # --------------------------------------------------------------------------------------------
 
 FROZEN_BN = ("weight", "bias", "running_mean", "running_var")
@@ -96,7 +95,7 @@ def test_state_dict_shapes_and_sizes(rpns):
     lsj = rpns["lvis_866_lsj_fpn"].state_dict()
     assert lsj["backbone.fpn_lateral3.norm.num_batches_tracked"].dtype == torch.int64
     assert lsj["proposal_generator.rpn_head.conv.conv1.weight"].shape == (256, 256, 3, 3)
-    # spec §2.3: R50-FPN + RPN head 27.50 M values (110.0 MB fp32); R50-C4 + RPN 18.09 M
+    # the released files' sizes: R50-FPN + RPN head 27.50 M values (110.0 MB fp32); R50-C4 + RPN 18.09 M
     assert sum(v.numel() for v in a.values()) == 27_499_471
     assert sum(v.numel() for v in c4.values()) == 18_088_971
     assert abs(sum(v.numel() for v in a.values()) / 1e6 - 27.50) < 0.005
@@ -216,18 +215,18 @@ def test_find_top_rpn_proposals_hand_case():
                             [12., 1., 17., 5.]]])    # -3.0 keeps (raw logit, no sigmoid)
     logits1 = torch.tensor([[8.5, float("nan"), -3.0]])
     (res,) = find_top_rpn_proposals([level0, level1], [logits0, logits1], [(25, 18)],
-                                    nms_thresh=0.7, pre_nms_topk=5, post_nms_topk=10)
+                                    nms=0.7, pre_nms_topk=5, post_nms_topk=10)
     assert res.objectness_logits.tolist() == [9.0, 8.5, 7.0, -3.0]
     expected = torch.tensor([[0., 0., 10., 10.], [0., 0., 10., 10.5],
                              [0., 0., 18., 25.], [12., 1., 17., 5.]])
     assert torch.equal(res.boxes, expected)
     assert res.boxes.dtype == torch.float32
     (short,) = find_top_rpn_proposals([level0, level1], [logits0, logits1], [(25, 18)],
-                                      nms_thresh=0.7, pre_nms_topk=5, post_nms_topk=2)
+                                      nms=0.7, pre_nms_topk=5, post_nms_topk=2)
     assert short.objectness_logits.tolist() == [9.0, 8.5]
     # min_box_size: both sides must be strictly larger (10 x 10.5 is dropped at 10)
     (big,) = find_top_rpn_proposals([level0, level1], [logits0, logits1], [(25, 18)],
-                                    nms_thresh=0.7, pre_nms_topk=5, post_nms_topk=10,
+                                    nms=0.7, pre_nms_topk=5, post_nms_topk=10,
                                     min_box_size=10.0)
     assert big.objectness_logits.tolist() == [7.0]
 
@@ -252,7 +251,7 @@ def test_settings_presets():
     with pytest.raises(InputError, match="kind"):
         build_offline_rpn("r101_fpn")
     with pytest.raises(InputError):
-        RPNSettings(nms_thresh=0.0)
+        RPNSettings(nms=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,3 +488,13 @@ def test_lookup_boxes(tmp_path):
         lookup_boxes(mapping, "/z/a.jpg")
     with pytest.raises(InputError, match="no boxes for image d.jpg"):
         lookup_boxes(mapping, "d.jpg")
+
+
+def test_offline_rpn_config_gives_the_transfer_settings():
+    assert OfflineRPNConfig().settings_for("coco_c4") == RPNSettings(pre_nms_topk=6000, post_nms_topk=1000, nms=0.7)
+    assert OfflineRPNConfig(pre_nms_topk=300, nms=0.6).settings_for("lvis_866_fpn") == \
+        RPNSettings(pre_nms_topk=300, post_nms_topk=1000, nms=0.6)
+    with pytest.raises(ValueError, match="post_nms_topk"):
+        OfflineRPNConfig(post_nms_topk=0)
+    with pytest.raises(ValueError, match="nms"):
+        OfflineRPNConfig(nms=0.0)

@@ -1,6 +1,8 @@
 """Region embeddings: the same function as the official RegionCLIP path.
 
-The reference here is written independently and literally from the spec (1.2-1.5, 7): PIL read
+The reference here is written independently and literally from the official code (``clip_rcnn.py:
+CLIPFastRCNN.preprocess_image``, ``clip_roi_heads.py: CLIPRes5ROIHeads``, Detectron2's
+``ResizeShortestEdge`` and ``ROIAlignV2``): PIL read
 + EXIF + RGB, Detectron2's resize arithmetic, ``(x/255 - mean)/std``, open_clip's own modules
 (stem, layer1-3, layer4, and the *module* attention pool over all tokens), torchvision
 ``roi_align(aligned=True, sampling_ratio=0, scale 1/16)`` on boxes scaled in float64. rclip's
@@ -22,9 +24,10 @@ from safetensors.torch import load_file
 from torchvision.ops import roi_align
 
 from rclip_cli.main import cli
-from rclip_core.data.transforms import load_image, resized_shape
+from rclip_core.data.images import load_image, resized_shape
 from rclip_core.models.clip import build_clip, get_architecture
-from rclip_core.models.region_encoder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, RegionEncoder, attnpool_token0
+from rclip_core.models.ops import attnpool_token0
+from rclip_core.models.region_encoder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, RegionEncoder
 
 BOXES = [[100.0, 100.0, 500.0, 400.0], [812.5, 301.25, 1207.0, 899.0], [0.0, 0.0, 1920.0, 1080.0],
          [1500.0, 50.0, 1900.0, 600.0], [930.0, 610.0, 990.0, 660.0]]
@@ -108,7 +111,7 @@ def test_attnpool_token0_equals_module(rn50):
 
 def test_whole_image_box_equals_image_forward(rn50):
     """At CLIP's native 224 px, RoIAlign(aligned=True) of the whole-image box samples exactly the
-    res4 grid, so the region embedding IS the image embedding (spec 1.4)."""
+    res4 grid, so the region embedding IS the image embedding (no positional-embedding interpolation)."""
     enc = RegionEncoder(rn50.visual, fast=False)  # the plain modules: exact up to summation order
     img = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0)) * 255
     box = [torch.tensor([[0.0, 0.0, 224.0, 224.0]])]

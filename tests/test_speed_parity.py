@@ -18,7 +18,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rclip_core.models.clip import freeze_batch_norm
-from rclip_core.models.fast import fold_conv_bn, roi_align_matmul, roi_align_separable, roi_align_weights
+from rclip_core.models.ops import fold_conv_bn, roi_align_matmul, roi_align_separable, roi_align_weights
 from rclip_core.models.region_encoder import RegionEncoder, boxes_to_rois
 
 
@@ -316,9 +316,18 @@ def test_bf16_autocast_keeps_top1_and_direction(tiny):
     valid = ref.norm(dim=1) > 0
     assert (1 - F.cosine_similarity(out[valid], ref[valid])).max() < 1e-2
     classes = torch.cat([torch.randn(10, 48, generator=torch.Generator().manual_seed(0)), ref[:10]])
-    top_ref = (F.normalize(ref) @ F.normalize(classes).T).argmax(1)
-    top = (F.normalize(out) @ F.normalize(classes).T).argmax(1)
-    assert torch.equal(top, top_ref)
+    scores_ref = F.normalize(ref) @ F.normalize(classes).T
+    scores = F.normalize(out) @ F.normalize(classes).T
+    # bf16 moves each cosine score by at most `err` (about 1e-2 here: 8 mantissa bits through
+    # res5 and the attention pool): the top-1 class of every region whose reference margin
+    # (best - second best) exceeds 2 x err cannot change, and must not. Near-ties of this
+    # untrained encoder (margins of 0.003 against a bf16 error of 0.003 on some CPUs) can flip.
+    err = float((scores - scores_ref).abs().max())
+    assert err < 2e-2
+    top2 = scores_ref.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert int(decided.sum()) >= 10  # of 29 regions: the check is not vacuous
+    assert torch.equal(scores.argmax(1)[decided], scores_ref.argmax(1)[decided])
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +349,8 @@ def test_rn50_photos_fp32_and_bf16(rn50, repo_root, photo):
     (autocast, the fast path's float32 stem): top-1 class of every box unchanged against fp32 and
     cosine distance below 1e-2, for 20 random class directions plus the embeddings of 10 other
     boxes."""
-    from rclip_core.data.transforms import load_image
-    from rclip_core.models.proposals import random_boxes
+    from rclip_core.data.images import load_image
+    from rclip_core.models.proposals.boxes import random_boxes
 
     enc = rn50
     prep = load_image(repo_root / "tests" / "data" / photo, short=320, max_size=576)
@@ -371,7 +380,7 @@ def test_rn50_photos_fp32_and_bf16(rn50, repo_root, photo):
 
 @pytest.mark.parametrize("kind", ["lvis_866_fpn", "lvis_866_lsj_fpn"])
 def test_rpn_folded_backbone_equals_plain(kind):
-    from rclip_core.models.proposals import build_offline_rpn
+    from rclip_core.models.proposals.offline import build_offline_rpn
 
     torch.manual_seed(0)
     rpn = build_offline_rpn(kind, "zero-shot")

@@ -1,4 +1,5 @@
-"""Prompt templates and class embeddings (spec 1.8, 2.4, 7.4, 7.7, 8.2) on a tiny random CLIP."""
+"""Prompt templates and class embeddings (``tools/extract_concept_features.py``,
+``clip_backbone.py: CLIPLangEncoder``, ``get_prompt_templates``) on a tiny random CLIP."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 
 from rclip_core.errors import InputError
 from rclip_core.models.text import (SINGLE_TEMPLATE, EmbeddingCache, class_embeddings,
-                                    clean_class_name, default_cache_root, encode_prompts,
-                                    fill_template, get_tokenizer, load_templates)
+                                    clean_class_name, clean_lvis_name, default_cache_root, embed_class_names,
+                                    encode_prompts, fill_template, get_tokenizer, load_templates)
 
 ASSETS = Path(__file__).resolve().parents[1] / "rclip_core" / "assets"
 
@@ -289,3 +290,26 @@ def test_default_cache_root(monkeypatch, tmp_path):
     assert EmbeddingCache().root == tmp_path / "text"
     monkeypatch.delenv("RCLIP_CACHE")
     assert default_cache_root() == Path.home() / ".cache" / "rclip" / "text"
+
+
+def test_clean_lvis_name():
+    assert clean_lvis_name("bow_(weapon)") == "bow weapon"
+
+
+def test_embed_class_names_the_one_rule(monkeypatch, tmp_path):
+    from rclip_core.weights.loaders import load_model
+
+    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "cache"))
+    m = load_model(model="test-micro", random_init=True, seed=0)
+    tok = get_tokenizer(m.arch.context_length)
+    want = class_embeddings(m.clip, tok, ["cat", "dog"], templates="single")
+    got = embed_class_names(m, ["cat", "dog"], templates="single")
+    torch.testing.assert_close(got, want)
+    assert not (tmp_path / "cache").exists()  # random weights are never cached
+    m.info.source_format = "rclip"  # trained weights: cached
+    embed_class_names(m, ["cat", "dog"], templates="single")
+    assert any((tmp_path / "cache").rglob("*.safetensors"))
+    m.info.text_loaded = False  # e.g. a detector exported without its text tower
+    with pytest.raises(InputError, match="no text encoder") as e:
+        embed_class_names(m, ["cat"])
+    assert "--class-embeddings" in e.value.hint

@@ -1,4 +1,8 @@
-"""Build open_clip ResNet CLIP models and describe how RegionCLIP splits them (spec 1.1-1.2, 2.5).
+"""Build open_clip ResNet CLIP models, describe how RegionCLIP splits them, and freeze them.
+
+The official network is ``detectron2/modeling/backbone/clip_backbone.py: ModifiedResNet``
+(``build_clip_resnet_backbone``); open_clip's ``modified_resnet.py: ModifiedResNet`` has the same
+modules and names.
 
 A RegionCLIP visual encoder is an open_clip ``ModifiedResNet`` used in two parts:
 
@@ -28,7 +32,7 @@ from torch import nn
 from rclip_core.errors import InputError
 
 # Lower-case names used by the official code / model zoo -> open_clip config names.
-# RegionCLIP's text tower uses QuickGELU (spec 7.4), hence the -quickgelu configs.
+# RegionCLIP's text tower uses QuickGELU (``clip_backbone.py: CLIPLangEncoder``), hence the -quickgelu configs.
 ALIASES = {
     "rn50": "RN50-quickgelu",
     "rn50x4": "RN50x4-quickgelu",
@@ -165,6 +169,32 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     from open_clip.utils import freeze_batch_norm_2d
 
     return freeze_batch_norm_2d(module)
+
+
+FREEZE_AT_MAX = 5
+
+
+def freeze_visual(visual: nn.Module, freeze_at: int = 2) -> nn.Module:
+    """Detectron2 ``FREEZE_AT`` on a CLIP ModifiedResNet ``visual``: the first ``freeze_at`` of
+    (stem, layer1 (res2), layer2, layer3, layer4) are frozen, the rest and ``attnpool`` are made
+    trainable: 0 = nothing frozen, 1 = the stem, 2 = stem + layer1 (the paper, in pretraining and
+    transfer: ``BACKBONE.FREEZE_AT 2``), ... 5 = everything up to layer4 (only attnpool trains).
+
+    ``attnpool.k_proj.bias`` is always frozen: it adds the same ``q . b_k`` to every token's
+    attention score, which softmax cancels, so it never gets a gradient (token-0 attention pooling
+    does not even compute it), which DDP would report as an unused parameter. BN is FrozenBN in
+    the whole tower already (:func:`build_clip`). Returns ``visual``.
+    """
+    if not 0 <= int(freeze_at) <= FREEZE_AT_MAX:
+        raise InputError(f"freeze_at must be in 0..{FREEZE_AT_MAX}, got {freeze_at}")
+    visual.requires_grad_(True)
+    stem = [visual.conv1, visual.bn1, visual.conv2, visual.bn2, visual.conv3, visual.bn3]
+    stages = [stem, [visual.layer1], [visual.layer2], [visual.layer3], [visual.layer4]]
+    for group in stages[:int(freeze_at)]:
+        for module in group:
+            module.requires_grad_(False)
+    visual.attnpool.k_proj.bias.requires_grad_(False)
+    return visual
 
 
 def build_clip(arch: str | Mapping[str, Any] | Architecture, with_text: bool = True) -> nn.Module:

@@ -1,7 +1,10 @@
 """Region embeddings: image -> res4 feature map; boxes -> RoIAlign -> res5 + attention pool.
 
-This is the one home of RoIAlign in rclip (DESIGN.md). It reproduces the official
-``CLIPRes5ROIHeads`` path (spec 1.2-1.4, 7.8):
+Every region feature of rclip is pooled here (its exact rewrites live in
+:mod:`rclip_core.models.ops`). It reproduces the official
+``detectron2/modeling/roi_heads/clip_roi_heads.py: CLIPRes5ROIHeads`` path (with
+``clip_rcnn.py: CLIPFastRCNN.preprocess_image`` and ``detectron2/modeling/poolers.py: ROIPooler``,
+``ROIAlignV2``):
 
 1. CLIP normalisation of the resized RGB image (``(x/255 - mean)/std``), padding bottom/right
    with zeros to the largest image of the batch (``size_divisibility`` 0);
@@ -10,9 +13,9 @@ This is the one home of RoIAlign in rclip (DESIGN.md). It reproduces the officia
    in resized-image pixels -> [R, 16w, P, P];
 4. ``layer4`` -> [R, 32w, P/2, P/2] and attention pooling -> [R, D] region embeddings.
 
-Attention pooling returns only the output of token 0 (the mean token). :func:`attnpool_token0`
-computes exactly that and nothing else: a single query, and keys/values folded into the query
-and the attention-weighted average of the inputs. It is the same mathematics as the full
+Attention pooling returns only the output of token 0 (the mean token).
+:func:`rclip_core.models.ops.attnpool_token0` computes exactly that and nothing else: a single
+query, and keys/values folded into the query and the attention-weighted average of the inputs. It is the same mathematics as the full
 multi-head attention over all 50 (82) tokens followed by ``[0]``, with ~1/30 of the work;
 ``fast_attnpool=False`` runs open_clip's module as is (used by the tests to prove equality).
 
@@ -23,58 +26,23 @@ small matrix products - the same mathematics, float rounding apart. With gradien
 (training), and with ``fast=False`` or inside ``with encoder.plain():``, every call runs the
 plain modules above, except that (unless ``fast=False``) RoIAlign of a map that needs
 gradients on CPU backpropagates through its separable matrix form
-(:func:`rclip_core.models.fast.roi_align_matmul`: the same forward, a faster backward).
+(:func:`rclip_core.models.ops.roi_align_matmul`: the same forward, a faster backward).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-if TYPE_CHECKING:
-    from rclip_core.models.fast import FastResNet
+from rclip_core.models.fast import FastResNet
+from rclip_core.models.ops import attnpool_token0, roi_align_matmul
 
 CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def attnpool_token0(attnpool: nn.Module, x: Tensor) -> Tensor:
-    """Output of open_clip/OpenAI ``AttentionPool2d`` for token 0 only.
-
-    Args:
-        attnpool: the ``AttentionPool2d`` module (q/k/v/c_proj, positional_embedding, num_heads).
-        x: res5 features [R, C, h, w] with h*w+1 == positional_embedding rows.
-    Returns:
-        [R, D] embeddings (D = c_proj.out_features).
-
-    With tokens t_l (l=0 is the mean token), head h, scale s = 1/sqrt(C/H):
-        a_hl = softmax_l(s * (W_q t_0 + b_q)_h . (W_k t_l + b_k)_h)
-             = softmax_l(s * t_l . (W_k,h^T q_h))        (q_h . b_k,h is the same for every l)
-        out_h = sum_l a_hl (W_v t_l + b_v)_h = W_v,h (sum_l a_hl t_l) + b_v,h    (sum_l a_hl = 1)
-    so neither keys nor values are ever projected for every token.
-    """
-    R, C, h, w = x.shape
-    heads = attnpool.num_heads
-    hd = C // heads
-    pos = attnpool.positional_embedding.to(x.dtype)  # [L, C]
-    tokens = x.flatten(2).transpose(1, 2)  # [R, HW, C] (a view when x is channels_last)
-    t0 = tokens.mean(dim=1, keepdim=True)  # [R, 1, C]
-    tokens = torch.cat([t0, tokens], dim=1) + pos  # [R, L, C]
-    q = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias)  # [R, C]
-    q = q.view(R, heads, hd) * (hd ** -0.5)
-    wk = attnpool.k_proj.weight.view(heads, hd, C)  # [H, hd, C]
-    qk = torch.einsum("rhd,hdc->rhc", q, wk)  # [R, H, C]: the query seen in input space
-    scores = torch.bmm(qk, tokens.transpose(1, 2))  # [R, H, L]
-    attn = scores.softmax(dim=-1)
-    mixed = torch.bmm(attn, tokens)  # [R, H, C]: attention-weighted inputs per head
-    wv = attnpool.v_proj.weight.view(heads, hd, C)
-    out = torch.einsum("rhc,hdc->rhd", mixed, wv).reshape(R, C) + attnpool.v_proj.bias
-    return F.linear(out, attnpool.c_proj.weight, attnpool.c_proj.bias)
 
 
 class RegionEncoder(nn.Module):
@@ -103,13 +71,9 @@ class RegionEncoder(nn.Module):
         visual tower the fast path supports (ModifiedResNet with frozen / eval-mode BN)."""
         if not self.fast or torch.is_grad_enabled():
             return False
-        from rclip_core.models.fast import FastResNet
-
         return FastResNet.supported(self.visual)
 
-    def _fast(self) -> "FastResNet":
-        from rclip_core.models.fast import FastResNet
-
+    def _fast(self) -> FastResNet:
         if self._fast_impl is None or self._fast_impl.visual is not self.visual:
             self._fast_impl = FastResNet(self.visual, token0=self.fast_attnpool)
         self._fast_impl.token0 = self.fast_attnpool
@@ -174,8 +138,6 @@ class RegionEncoder(nn.Module):
         whose backward is matrix products instead of torchvision's single-threaded scatter."""
         P = self.pooler_resolution
         if self.fast and torch.is_grad_enabled() and res4.requires_grad and res4.device.type == "cpu":
-            from rclip_core.models.fast import roi_align_matmul
-
             return roi_align_matmul(res4, rois, P, self.spatial_scale)
         return roi_align(res4, rois, output_size=(P, P), spatial_scale=self.spatial_scale,
                          sampling_ratio=0, aligned=True)

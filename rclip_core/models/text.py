@@ -1,8 +1,9 @@
 """Prompt templates and class / concept text embeddings (the detector's classifier weights).
 
 RegionCLIP classifies a region by the cosine similarity between its embedding and one text
-embedding per class (spec 1.6). Those class embeddings are prompt ensembles computed with the
-frozen CLIP text encoder (spec 2.4):
+embedding per class (``fast_rcnn.py: FastRCNNOutputLayers``, ``TEXT_EMB_PATH``). Those class
+embeddings are prompt ensembles computed with the frozen CLIP text encoder
+(``tools/extract_concept_features.py``, templates of ``get_prompt_templates``):
 
 1. clean the class name (LVIS: ``_`` -> space, drop ``(`` and ``)``; COCO names as-is),
 2. fill each of the 81 templates with it (:func:`fill_template`),
@@ -27,7 +28,6 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from rclip_core.data.vocab import clean_lvis_name
 from rclip_core.errors import InputError
 from rclip_core.fileio import atomic_write, read_text
 
@@ -38,9 +38,11 @@ __all__ = [
     "load_templates",
     "fill_template",
     "clean_class_name",
+    "clean_lvis_name",
     "get_tokenizer",
     "encode_prompts",
     "class_embeddings",
+    "embed_class_names",
     "EmbeddingCache",
     "default_cache_root",
 ]
@@ -142,6 +144,11 @@ def fill_template(template: str, name: str) -> str:
     ``"a photo of a salt pepper shaker."``.
     """
     return template.replace("{}", name.replace(",", "").replace("+", " "))
+
+
+def clean_lvis_name(name: str) -> str:
+    """RegionCLIP's LVIS name cleanup (``get_cls_names``): ``_`` -> space, drop ``(`` ``)``."""
+    return name.replace("_", " ").replace("(", "").replace(")", "")
 
 
 def clean_class_name(name: str, style: str = "lvis") -> str:
@@ -264,7 +271,7 @@ def class_embeddings(model, tokenizer, names: Sequence[str],
     - ``average="raw"``: arithmetic mean of the raw, unnormalised per-template vectors, not
       renormalised. This is the main-branch ``tools/extract_concept_features.py`` recipe and
       reproduces the released ``*_cls_emb.pth`` / concept-pool files (documented as
-      unnormalised; spec 2.4 and 8.2).
+      unnormalised in the official README).
     - ``average="normalized"``: L2-normalise each prompt vector, average, renormalise: the
       CLIP-paper recipe used by the ``zero-shot`` branch's extractor. Rows have unit norm.
 
@@ -314,6 +321,28 @@ def class_embeddings(model, tokenizer, names: Sequence[str],
     if cache is not None and key is not None:
         cache.put(key, emb, names, model_id=model_id, templates=tmpl, average=average)
     return emb
+
+
+def embed_class_names(model, names: Sequence[str], templates: str | os.PathLike | Sequence[str] | None = "clip81",
+                      average: AverageMode = "raw", progress: Progress | None = None, *, use_cache: bool = True,
+                      batch_size: int = 256) -> torch.Tensor:
+    """THE rule for embedding class names with a :class:`~rclip_core.models.regionclip.RegionCLIP`:
+    :func:`class_embeddings` with its text tower and tokenizer, through the on-disk
+    :class:`EmbeddingCache` (keyed by ``model.identity()``) unless the weights are random
+    (``model.info.source_format == "random"``: two random models share an identity).
+
+    Returns float32 ``[K, D]`` on the CPU, rows in ``names`` order. Raises InputError when the
+    model has no text tower (hint: ``--class-embeddings``). ``use_cache=False`` skips the cache
+    (``rclip embed --no-cache``); ``batch_size``: prompts per text-tower call.
+    """
+    if not model.has_text:
+        raise InputError("these weights have no text encoder, so the class names cannot be embedded",
+                         "pass --class-embeddings FILE (an official *_emb.pth or `rclip embed` output)")
+    cache = None if (not use_cache or model.info.source_format == "random") else EmbeddingCache()
+    return class_embeddings(model.clip, get_tokenizer(model.arch.context_length), list(names),
+                            templates=templates if templates is not None else "clip81", average=average,
+                            batch_size=batch_size, progress=progress, cache=cache,
+                            model_id=model.identity() if cache else None)
 
 
 # --------------------------------------------------------------------------- cache

@@ -1,7 +1,7 @@
-"""Region proposals: the official offline Detectron2 RPNs, random / sliding-window boxes, and
-ground-truth boxes read from a file.
+"""The official offline Detectron2 RPNs, ported with their checkpoint keys; long because it is one
+port of four Detectron2 modules (R-50, FPN, RPN head, anchors) that torchvision does not match.
 
-Offline RPNs (spec §1.9). RegionCLIP never trains its proposal network: it runs a frozen
+RegionCLIP never trains its proposal network: it runs a frozen
 Detectron2 GeneralizedRCNN backbone + RPN on a BGR copy of the resized image. This module ports
 those networks on plain PyTorch + torchvision, with module attribute names chosen so that
 ``OfflineRPN.state_dict()`` has exactly the keys of the released standalone ``rpn_*.pth`` files
@@ -30,13 +30,10 @@ them (with min size 0 that would keep empty boxes).
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePath
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,13 +41,13 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, clip_boxes_to_image
 
 from rclip_core.errors import InputError, WeightsError
-from rclip_core.fileio import read_json
-from rclip_core.models.fast import conv2d as fast_conv2d
-from rclip_core.models.fast import fold_conv_bn, foldable_norm, tensor_versions
+from rclip_core.models.ops import conv2d as fast_conv2d
+from rclip_core.models.ops import fold_conv_bn, foldable_norm, tensor_versions
 
 __all__ = [
     "RPN_KINDS",
     "RPNSettings",
+    "OfflineRPNConfig",
     "RPNProposals",
     "OfflineRPN",
     "build_offline_rpn",
@@ -59,17 +56,11 @@ __all__ = [
     "AnchorGenerator",
     "decode_boxes",
     "find_top_rpn_proposals",
-    "random_boxes",
-    "grid_boxes",
-    "load_boxes_file",
-    "validate_boxes",
-    "lookup_boxes",
-    "BoxesMapping",
 ]
 
 RPN_KINDS = ("lvis_866_fpn", "lvis_866_lsj_fpn", "coco_c4")
 
-# Detectron2 MSRA R-50 input convention, BGR order (spec §1.5).
+# Detectron2 MSRA R-50 input convention, BGR order (``clip_rcnn.py: CLIPFastRCNN.offline_preprocess_image``).
 RPN_PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
 RPN_PIXEL_STD_BGR = (1.0, 1.0, 1.0)
 
@@ -95,15 +86,15 @@ class RPNSettings:
 
     pre_nms_topk: int = 1000
     post_nms_topk: int = 1000
-    nms_thresh: float = 0.7
+    nms: float = 0.7
     min_box_size: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pre_nms_topk <= 0 or self.post_nms_topk <= 0:
             raise InputError(
                 f"RPN top-k must be positive (pre {self.pre_nms_topk}, post {self.post_nms_topk})")
-        if not 0.0 < self.nms_thresh <= 1.0:
-            raise InputError(f"RPN NMS threshold must be in (0, 1], got {self.nms_thresh}")
+        if not 0.0 < self.nms <= 1.0:
+            raise InputError(f"RPN NMS threshold must be in (0, 1], got {self.nms}")
         if self.min_box_size < 0:
             raise InputError(f"RPN min box size must be >= 0, got {self.min_box_size}")
 
@@ -112,7 +103,8 @@ RPN_PRESETS = ("zero-shot", "pretraining", "transfer")
 
 
 def rpn_settings(preset: str = "transfer", kind: str = "lvis_866_fpn") -> RPNSettings:
-    """Settings the official code uses for ``preset`` with an RPN of ``kind`` (spec §1.9, §8.7).
+    """Settings the official code uses for ``preset`` with an RPN of ``kind`` (``clip_rcnn.py: CLIPFastRCNN.from_config``,
+    ``MODEL.CLIP.OFFLINE_RPN_NMS_THRESH`` / ``PRETRAIN_RPN_REGIONS`` and the RPN configs).
 
     - ``transfer``: the RPN config's own values: NMS 0.7, 1000 post; pre-NMS 1000 per level for
       FPN, 6000 for C4 (``Base-RCNN-C4``).
@@ -121,15 +113,43 @@ def rpn_settings(preset: str = "transfer", kind: str = "lvis_866_fpn") -> RPNSet
     """
     _check_kind(kind)
     base = RPNSettings(pre_nms_topk=6000 if kind == "coco_c4" else 1000, post_nms_topk=1000,
-                       nms_thresh=0.7)
+                       nms=0.7)
     if preset == "transfer":
         return base
     if preset == "zero-shot":
-        return replace(base, nms_thresh=0.9)
+        return replace(base, nms=0.9)
     if preset == "pretraining":
-        return replace(base, nms_thresh=0.5, post_nms_topk=300)
+        return replace(base, nms=0.5, post_nms_topk=300)
     raise InputError(f"unknown RPN settings preset {preset!r}",
                      hint=f"choose one of: {', '.join(RPN_PRESETS)}")
+
+
+@dataclass(kw_only=True)
+class OfflineRPNConfig:
+    """The fine-tuning recipe section ``detector.offline_rpn``: how a detector uses a frozen
+    offline RPN. The official transfer (``clip_rcnn.py: CLIPFastRCNN.from_config``, the RPN
+    configs' ``*_TEST`` values, in training and test since the RPN stays in eval mode): NMS 0.7,
+    1000 proposals; ``pre_nms_topk`` None = the RPN config's own (6000 for C4, 1000 per level for
+    FPN). ``kind``: the RPN the recipe expects (``coco_c4``, ``lvis_866_lsj_fpn``; None = any)."""
+
+    kind: str | None = None
+    pre_nms_topk: int | None = None
+    post_nms_topk: int = 1000
+    nms: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.pre_nms_topk is not None and self.pre_nms_topk < 1:
+            raise ValueError(f"pre_nms_topk must be >= 1 (or null), got {self.pre_nms_topk}")
+        if self.post_nms_topk < 1:
+            raise ValueError(f"post_nms_topk must be >= 1, got {self.post_nms_topk}")
+        if not 0.0 < self.nms <= 1.0:
+            raise ValueError(f"nms must be in (0, 1], got {self.nms}")
+
+    def settings_for(self, kind: str) -> RPNSettings:
+        """The :class:`RPNSettings` of an RPN of ``kind`` used this way."""
+        base = rpn_settings("transfer", kind)
+        return RPNSettings(pre_nms_topk=self.pre_nms_topk or base.pre_nms_topk, post_nms_topk=self.post_nms_topk,
+                           nms=self.nms, min_box_size=base.min_box_size)
 
 
 def _check_kind(kind: str) -> None:
@@ -142,7 +162,7 @@ class RPNProposals(NamedTuple):
     """Proposals of one image, sorted by decreasing objectness."""
 
     boxes: Tensor  # [N, 4] float32 XYXY in resized-image pixels, inside the unpadded image
-    objectness_logits: Tensor  # [N] RAW logits (no sigmoid; spec §5.3)
+    objectness_logits: Tensor  # [N] RAW logits (no sigmoid; fused raw by CLIPFastRCNN.inference)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +252,8 @@ class BasicStem(nn.Module):
 
 class BottleneckBlock(nn.Module):
     """Detectron2 bottleneck with ``STRIDE_IN_1X1=True``: the stride sits in ``conv1`` (1x1),
-    not in the 3x3 conv as in torchvision's ResNet (spec §7.2)."""
+    not in the 3x3 conv as in torchvision's ResNet (``detectron2/modeling/backbone/resnet.py:
+    BottleneckBlock``, ``STRIDE_IN_1X1``)."""
 
     def __init__(self, in_channels: int, out_channels: int, bottleneck_channels: int,
                  stride: int, norm: str):
@@ -466,12 +487,13 @@ def find_top_rpn_proposals(
     proposals: Sequence[Tensor],
     pred_objectness_logits: Sequence[Tensor],
     image_sizes: Sequence[tuple[int, int]],
-    nms_thresh: float,
+    nms: float,
     pre_nms_topk: int,
     post_nms_topk: int,
     min_box_size: float = 0.0,
 ) -> list[RPNProposals]:
-    """Detectron2 ``find_top_rpn_proposals`` in eval mode (spec §1.9).
+    """Detectron2 ``find_top_rpn_proposals`` in eval mode
+    (``detectron2/modeling/proposal_generator/proposal_utils.py``).
 
     Args:
         proposals: per level, [B, Hi*Wi*A, 4] decoded boxes.
@@ -506,7 +528,7 @@ def find_top_rpn_proposals(
         keep = _nonempty(boxes, min_box_size)
         if not bool(keep.all()):
             boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-        keep = batched_nms(boxes, scores, levels, nms_thresh)[:post_nms_topk]
+        keep = batched_nms(boxes, scores, levels, nms)[:post_nms_topk]
         results.append(RPNProposals(boxes[keep], scores[keep]))
     return results
 
@@ -537,7 +559,7 @@ class RPN(nn.Module):
             deltas_i = deltas_i.view(b, -1, 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, 4)
             anchors_b = anchors_i.unsqueeze(0).expand(b, -1, -1).reshape(-1, 4)
             proposals.append(decode_boxes(deltas_i, anchors_b).view(b, -1, 4))
-        return find_top_rpn_proposals(proposals, logits, image_sizes, settings.nms_thresh,
+        return find_top_rpn_proposals(proposals, logits, image_sizes, settings.nms,
                                       settings.pre_nms_topk, settings.post_nms_topk,
                                       settings.min_box_size)
 
@@ -599,8 +621,9 @@ class OfflineRPN(nn.Module):
                 m.fast = flag
 
     def train(self, mode: bool = True) -> "OfflineRPN":
-        # The official code keeps the offline RPN in eval mode even while the detector trains
-        # (spec §1.9); the LSJ variant's BatchNorm must never update its statistics.
+        # The official code keeps the offline RPN frozen and in eval mode even while the detector
+        # trains (clip_rcnn.py: CLIPFastRCNN); the LSJ variant's BatchNorm must never update its
+        # statistics.
         return super().train(False)
 
     @property
@@ -608,7 +631,7 @@ class OfflineRPN(nn.Module):
         return self.pixel_mean.device
 
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """RPN-branch preprocessing (spec §1.5): RGB -> BGR, subtract the BGR mean, divide by
+        """RPN-branch preprocessing (``clip_rcnn.py: CLIPFastRCNN.offline_preprocess_image``): RGB -> BGR, subtract the BGR mean, divide by
         std 1, then pad bottom/right with 0 (after normalisation) to a common size rounded up
         to ``size_divisibility``.
 
@@ -688,308 +711,3 @@ def build_offline_rpn(kind: str, settings: RPNSettings | str | None = None) -> O
     if isinstance(settings, str):
         settings = rpn_settings(settings, kind)
     return OfflineRPN(kind, settings)
-
-
-# --------------------------------------------------------------------------------------------
-# Fallback proposals
-# --------------------------------------------------------------------------------------------
-
-
-def random_boxes(image_size: tuple[int, int], n: int, generator: torch.Generator | None = None,
-                 min_size: float = 0.0, grid_length: int = 8) -> Tensor:
-    """Random grid-aligned boxes inside an image (RegionCLIP ``CROP_REGION_TYPE RANDOM``).
-
-    The image is cut into ``grid_length``-pixel cells (a partial last row/column is not used).
-    Per axis, independently: the first cell is drawn uniformly among the cells, and the last
-    cell uniformly among the cells from the first one to the image edge; the box spans them.
-    With ``min_size`` > 0 both draws are restricted so each side spans at least
-    ceil(min_size / grid_length) cells. With the defaults this is exactly the distribution of
-    the official ``create_rand_boxes``. Boxes are therefore at least ``grid_length`` pixels
-    on a side.
-
-    Args:
-        image_size: (height, width) in pixels.
-        n: number of boxes.
-        generator: seeds the draws (``torch.Generator().manual_seed(s)``).
-
-    Returns: [n, 4] float32 XYXY.
-    """
-    height, width = int(image_size[0]), int(image_size[1])
-    if n < 0:
-        raise InputError(f"number of random boxes must be >= 0, got {n}")
-    if grid_length <= 0:
-        raise InputError(f"grid_length must be positive, got {grid_length}")
-    cells = max(1, math.ceil(min_size / grid_length))
-
-    def axis(length: int) -> tuple[Tensor, Tensor]:
-        count = length // grid_length
-        if count < cells:
-            raise InputError(f"image of {width}x{height} pixels is too small for random boxes of "
-                             f"at least {max(min_size, grid_length):g} pixels")
-        first = torch.randint(0, count - cells + 1, (n,), generator=generator)
-        lowest_last = first + cells - 1
-        span = count - lowest_last  # number of admissible last cells
-        last = lowest_last + (torch.rand(n, generator=generator) * span).long().clamp(
-            max=span - 1)
-        return first * grid_length, (last + 1) * grid_length
-
-    x1, x2 = axis(width)
-    y1, y2 = axis(height)
-    return torch.stack((x1, y1, x2, y2), dim=1).to(torch.float32)
-
-
-def grid_boxes(image_size: tuple[int, int], scales: Sequence[float] = (0.25, 0.5, 1.0),
-               aspect_ratios: Sequence[float] = ANCHOR_RATIOS, overlap: float = 0.5) -> Tensor:
-    """Sliding-window boxes at a few scales and aspect ratios.
-
-    For scale ``f`` and aspect ratio ``a`` (h / w) the window has the area of a square of side
-    ``f * min(height, width)``: w = side / sqrt(a), h = side * sqrt(a), each capped at the
-    image size. Windows slide with a step of at most ``(1 - overlap)`` times their size and
-    are spread evenly so the first touches the left/top edge and the last the right/bottom
-    edge. Exact duplicates are dropped (first occurrence kept). Order: scale, ratio, then
-    row-major position.
-
-    Args:
-        image_size: (height, width) in pixels.
-
-    Returns: [N, 4] float32 XYXY, all inside the image.
-    """
-    height, width = float(image_size[0]), float(image_size[1])
-    if height <= 0 or width <= 0:
-        raise InputError(f"image size must be positive, got {int(width)}x{int(height)}")
-    if not 0.0 <= overlap < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    short = min(height, width)
-    boxes = []
-    for scale in scales:
-        if scale <= 0:
-            raise InputError(f"grid box scales must be positive, got {scale}")
-        side = scale * short
-        for ratio in aspect_ratios:
-            w = min(side / math.sqrt(ratio), width)
-            h = min(side * math.sqrt(ratio), height)
-            xs = _window_starts(width, w, overlap)
-            ys = _window_starts(height, h, overlap)
-            y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
-            x0, y0 = x0.reshape(-1), y0.reshape(-1)
-            boxes.append(torch.stack((x0, y0, x0 + w, y0 + h), dim=1))
-    if not boxes:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    out = torch.cat(boxes).to(torch.float32)
-    out[:, 2].clamp_(max=width)  # float rounding of x0 + w at the far edge
-    out[:, 3].clamp_(max=height)
-    _, inverse = torch.unique(out, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), len(out), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(out)), reduce="amin")
-    return out[first.sort().values]
-
-
-def _window_starts(length: float, window: float, overlap: float) -> Tensor:
-    free = length - window
-    if free <= 1e-6:
-        return torch.zeros(1, dtype=torch.float64)
-    count = math.ceil(free / (window * (1.0 - overlap)) - 1e-9) + 1
-    return torch.linspace(0.0, free, count, dtype=torch.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# Ground-truth / user boxes from a file
-# --------------------------------------------------------------------------------------------
-
-_BOXES_HINT = ('expected {"image.jpg": [[x1, y1, x2, y2], ...], ...} or a COCO instances '
-               'JSON with "images" and "annotations"')
-
-
-class BoxesMapping(dict):
-    """``{image name: float64 [N, 4] XYXY}`` that also finds images by basename and stem
-    (see :func:`lookup_boxes`); the indices are built once, on first lookup."""
-
-    _by_basename: dict[str, list[str]] | None = None
-    _by_stem: dict[str, list[str]] | None = None
-
-    def indices(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        if self._by_basename is None or self._by_stem is None:
-            self._by_basename, self._by_stem = _build_name_indices(self)
-        return self._by_basename, self._by_stem
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._by_basename = self._by_stem = None
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        self._by_basename = self._by_stem = None
-        super().__delitem__(key)
-
-
-def _build_name_indices(mapping: Mapping[str, Any]) -> tuple[dict, dict]:
-    by_basename: dict[str, list[str]] = {}
-    by_stem: dict[str, list[str]] = {}
-    for key in mapping:
-        name = PurePath(str(key).replace("\\", "/")).name
-        by_basename.setdefault(name, []).append(key)
-        by_stem.setdefault(PurePath(name).stem, []).append(key)
-    return by_basename, by_stem
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _parse_box(value: Any, where: str, path: Path) -> list[float]:
-    if not isinstance(value, list):
-        raise InputError(f"boxes file {path}: {where} must be a list of 4 numbers, got "
-                         f"{type(value).__name__}", hint=_BOXES_HINT)
-    if len(value) != 4:
-        raise InputError(f"boxes file {path}: {where} must have 4 numbers, got {len(value)}",
-                         hint=_BOXES_HINT)
-    for v in value:
-        if not _is_number(v):
-            raise InputError(f"boxes file {path}: {where} has a non-numeric value {v!r}",
-                             hint=_BOXES_HINT)
-        if not math.isfinite(v):
-            raise InputError(f"boxes file {path}: {where} has a non-finite value {v!r}")
-    return [float(v) for v in value]
-
-
-def load_boxes_file(path: str | os.PathLike) -> BoxesMapping:
-    """Read ground-truth / user boxes for the "GT boxes" mode (spec §5.2).
-
-    Two formats:
-
-    - ``{"<file name or stem>": [[x1, y1, x2, y2], ...], ...}`` (XYXY, original-image pixels);
-    - a COCO instances JSON (``images`` + ``annotations``): ``bbox`` [x, y, w, h] becomes
-      [x, y, x + w, y + h]; crowd annotations (``iscrowd`` 1) are excluded, as in RegionCLIP's
-      GT mode; keys are the images' ``file_name`` (every listed image appears, possibly with
-      zero boxes).
-
-    Returns a :class:`BoxesMapping` of float64 [N, 4] arrays. Every problem (not JSON, wrong
-    structure, non-numeric/non-finite numbers, wrong length, x2 <= x1 or y2 <= y1) raises a
-    one-line InputError naming the file and the entry.
-    """
-    p = Path(path)
-    data = read_json(p, what="boxes file")
-    if isinstance(data, dict) and ("annotations" in data or "images" in data):
-        return _load_coco_boxes(data, p)
-    if not isinstance(data, dict):
-        raise InputError(f"boxes file {p}: top level must be a JSON object, got "
-                         f"{type(data).__name__}", hint=_BOXES_HINT)
-    result = BoxesMapping()
-    for name, boxes in data.items():
-        if not isinstance(boxes, list):
-            raise InputError(f"boxes file {p}: entry {name!r} must be a list of "
-                             f"[x1, y1, x2, y2] boxes, got {type(boxes).__name__}",
-                             hint=_BOXES_HINT)
-        parsed = []
-        for i, box in enumerate(boxes):
-            x1, y1, x2, y2 = _parse_box(box, f"{name!r} box {i}", p)
-            if not (x2 > x1 and y2 > y1):
-                raise InputError(f"boxes file {p}: {name!r} box {i} {box} is degenerate "
-                                 "(needs x2 > x1 and y2 > y1)")
-            parsed.append([x1, y1, x2, y2])
-        result[name] = np.asarray(parsed, dtype=np.float64).reshape(-1, 4)
-    return result
-
-
-def _load_coco_boxes(data: dict, p: Path) -> BoxesMapping:
-    images, annotations = data.get("images"), data.get("annotations")
-    if not isinstance(images, list) or not isinstance(annotations, list):
-        raise InputError(f"boxes file {p}: a COCO instances file needs lists \"images\" and "
-                         "\"annotations\"", hint=_BOXES_HINT)
-    file_names: dict[Any, str] = {}
-    per_image: dict[str, list[list[float]]] = {}
-    for i, image in enumerate(images):
-        if not isinstance(image, dict) or "id" not in image or \
-                not isinstance(image.get("file_name"), str):
-            raise InputError(f"boxes file {p}: images[{i}] needs an \"id\" and a string "
-                             "\"file_name\"")
-        file_names[image["id"]] = image["file_name"]
-        per_image.setdefault(image["file_name"], [])
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict):
-            raise InputError(f"boxes file {p}: annotations[{i}] must be an object")
-        ann_name = f"annotation {ann.get('id', i)!r}"
-        if ann.get("image_id") not in file_names:
-            raise InputError(f"boxes file {p}: {ann_name} refers to image_id "
-                             f"{ann.get('image_id')!r}, which is not in \"images\"")
-        if ann.get("iscrowd", 0):
-            continue
-        if "bbox" not in ann:
-            raise InputError(f"boxes file {p}: {ann_name} has no \"bbox\"")
-        x, y, w, h = _parse_box(ann["bbox"], f"{ann_name} bbox", p)
-        if not (w > 0 and h > 0):
-            raise InputError(f"boxes file {p}: {ann_name} bbox {ann['bbox']} is degenerate "
-                             "(needs width > 0 and height > 0)")
-        per_image[file_names[ann["image_id"]]].append([x, y, x + w, y + h])
-    result = BoxesMapping()
-    for name, boxes in per_image.items():
-        result[name] = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return result
-
-
-def validate_boxes(boxes: np.ndarray | Sequence[Sequence[float]], image_w: int, image_h: int,
-                   name: str) -> np.ndarray:
-    """Check the boxes of one image against its size (original-image pixels).
-
-    A box lying entirely outside the ``image_w`` x ``image_h`` image raises an InputError
-    naming the image and the box index; boxes partly outside are clipped to the image.
-
-    boxes [N, 4] XYXY -> float64 [N, 4] XYXY inside the image.
-    """
-    arr = np.asarray(boxes, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 4)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise InputError(f"boxes for image {name} must have shape [N, 4], got {list(arr.shape)}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise InputError(f"image {name}: box {int(np.argmax(bad))} has a non-finite value")
-    degenerate = (arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1])
-    if degenerate.any():
-        i = int(np.argmax(degenerate))
-        raise InputError(f"image {name}: box {i} {arr[i].tolist()} is degenerate "
-                         "(needs x2 > x1 and y2 > y1)")
-    outside = (arr[:, 0] >= image_w) | (arr[:, 1] >= image_h) | (arr[:, 2] <= 0) | \
-        (arr[:, 3] <= 0)
-    if outside.any():
-        i = int(np.argmax(outside))
-        raise InputError(f"image {name}: box {i} {arr[i].tolist()} lies entirely outside the "
-                         f"{image_w}x{image_h} image",
-                         hint="boxes are XYXY in the original image's pixels")
-    out = arr.copy()
-    np.clip(out[:, 0::2], 0, image_w, out=out[:, 0::2])
-    np.clip(out[:, 1::2], 0, image_h, out=out[:, 1::2])
-    return out
-
-
-def lookup_boxes(mapping: Mapping[str, np.ndarray], image_path: str | os.PathLike) -> np.ndarray:
-    """The boxes of ``image_path`` in a mapping from :func:`load_boxes_file`.
-
-    Tries, in order: the path as given, its basename and its stem as keys; then keys whose
-    basename (or stem) equals the image's basename (or stem). When several keys match, the
-    one whose path is a suffix of ``image_path`` wins; otherwise the match is ambiguous.
-    Raises InputError when nothing matches.
-    """
-    given = str(image_path)
-    pure = PurePath(given.replace("\\", "/"))
-    for candidate in (given, pure.name, pure.stem):
-        if candidate in mapping:
-            return mapping[candidate]
-    if isinstance(mapping, BoxesMapping):
-        by_basename, by_stem = mapping.indices()
-    else:
-        by_basename, by_stem = _build_name_indices(mapping)
-    for index, key in ((by_basename, pure.name), (by_stem, pure.stem)):
-        matches = index.get(key, [])
-        if len(matches) == 1:
-            return mapping[matches[0]]
-        if len(matches) > 1:
-            norm = given.replace("\\", "/")
-            suffix = [m for m in matches if norm.endswith("/" + m.replace("\\", "/").lstrip("/"))
-                      or norm == m]
-            if len(suffix) == 1:
-                return mapping[suffix[0]]
-            raise InputError(f"image {given} matches several entries of the boxes file: "
-                             f"{', '.join(sorted(matches)[:3])}",
-                             hint="key the boxes file by the images' relative paths")
-    raise InputError(f"no boxes for image {given} in the boxes file",
-                     hint="key the boxes file by file name, basename or stem of each image")
