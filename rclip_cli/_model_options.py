@@ -50,7 +50,7 @@ def vocab_options(fn: Callable) -> Callable:
 def resolve_model(kw: dict[str, Any], device):
     """Load the model named by the model options (and attach --rpn-weights)."""
     from rclip_core.errors import InputError
-    from rclip_core.models.regionclip import load_model, load_rpn_file
+    from rclip_core.weights.loaders import load_model, load_rpn_file
 
     weights, name, random_init = kw.get("weights"), kw.get("model_name"), kw.get("random_init")
     if weights and random_init:
@@ -75,7 +75,7 @@ def resolve_vocabulary_and_embeddings(model, kw: dict[str, Any]):
     or computed with the model's text encoder and the prompt ensemble)."""
     from rclip_core.data.vocab import Vocabulary, get_vocabulary, parse_classes, read_classes_file
     from rclip_core.errors import InputError
-    from rclip_core.models.regionclip import load_class_embeddings
+    from rclip_core.weights.loaders import load_class_embeddings
 
     given = [k for k in ("classes", "classes_file", "vocabulary") if kw.get(k)]
     if len(given) > 1:
@@ -109,11 +109,7 @@ def resolve_vocabulary_and_embeddings(model, kw: dict[str, Any]):
     if not model.has_text:
         raise InputError("these weights have no text encoder, so class names cannot be embedded",
                          "pass --class-embeddings FILE (an official *_emb.pth or `rclip embed` output)")
-    from rclip_core.models.text import EmbeddingCache, class_embeddings, get_tokenizer, load_templates
+    from rclip_core.models.text import embed_class_names
 
-    templates = load_templates(kw.get("templates") or "clip81")
-    tok = get_tokenizer(model.arch.context_length)
-    cache = None if model.info.source_format == "random" else EmbeddingCache()
-    emb = class_embeddings(model.clip, tok, list(vocab.names), templates=templates, average=kw.get("average") or "raw",
-                           cache=cache, model_id=model.identity() if cache else None)
+    emb = embed_class_names(model, list(vocab.names), kw.get("templates") or "clip81", kw.get("average") or "raw")
     return vocab, emb

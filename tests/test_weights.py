@@ -1,6 +1,8 @@
-"""Weights: the rclip safetensors format, the official RegionCLIP / OpenAI layouts (spec 2,
-2.5), strict key checks (spec 7.16), the offline RPN really applied (spec 7.17), safe
-unpickling (spec 7.20), downloads with checksums and a fast offline failure."""
+"""Weights: the rclip safetensors format, the official RegionCLIP / OpenAI layouts (the state
+dicts of ``clip_rcnn.py: CLIPFastRCNN`` and open_clip ``CLIP``), strict key checks (the official
+``detectron2/checkpoint/clip_model_loading.py`` loads non-strictly), the offline RPN really applied
+(RegionCLIP issues #67, #81, #98), safe unpickling (``torch.load(weights_only=True)``), downloads
+with checksums and a fast offline failure."""
 
 from __future__ import annotations
 
@@ -14,27 +16,28 @@ import pytest
 import torch
 
 from rclip_core.errors import InputError, OfflineError, RclipError, RuntimeFailure, WeightsError
+from rclip_core.models.classifier import InferenceConfig
 from rclip_core.models.clip import build_clip, get_architecture
-from rclip_core.models.proposals import build_offline_rpn
-from rclip_core.models.regionclip import (_arch_from_checkpoint, attach_rpn, load_class_embeddings, load_model,
-                                          load_rpn_file)
+from rclip_core.models.detector import Detector, DetectorConfig
+from rclip_core.models.proposals.offline import OfflineRPNConfig, build_offline_rpn
+from rclip_core.models.proposals.trainable import TrainableRPNConfig
+from rclip_core.weights.inspect import describe_weights
 from rclip_core.weights.io import download, network_reachable, read_weights, save_safetensors
+from rclip_core.weights.loaders import (_arch_from_checkpoint, attach_rpn, load_class_embeddings, load_detector,
+                                        load_model, load_rpn_file)
+from rclip_core.weights.native import (PARTS, detector_sections, detector_tensors, join_native, native_key,
+                                       nest_detector_settings, save_detector, save_model, split_native)
 from rclip_core.weights.official import (convert_checkpoint, infer_text_config, infer_visual_config,
                                          known_architecture_name)
 
 RPN_MARKER_KEY = "proposal_generator.rpn_head.objectness_logits.weight"  # [3, 256, 1, 1]
-BOX_PREDICTOR = {  # spec 2.2, with D = 32 (test-micro) and 3 / 5 classes
+BOX_PREDICTOR = {  # fast_rcnn.py: FastRCNNOutputLayers names, with D = 32 (test-micro) and 3 / 5 classes
     "cls_score.weight": torch.arange(3 * 32, dtype=torch.float32).reshape(3, 32),
     "cls_bg_score.weight": torch.zeros(1, 32),
     "test_cls_score.weight": torch.ones(5, 32),
     "bbox_pred.weight": torch.full((4, 32), 0.5),
     "bbox_pred.bias": torch.tensor([1.0, 2.0, 3.0, 4.0]),
 }
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def _visual(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # RegionCLIP files carry no logit_scale (spec 2.2)
+    # RegionCLIP files carry no logit_scale (the language encoder of clip_rcnn.py has none)
     return {k: v for k, v in state.items() if not k.startswith("visual.") and k != "logit_scale"}
 
 
@@ -114,7 +117,7 @@ def test_official_regionclip_file_loads_every_part(official_file, micro_state, r
     assert m.has_text
     # logit_scale is not in RegionCLIP files: it keeps CLIP's init ln(1/0.07) and is never used
     assert m.clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
-    # the offline RPN is attached with its weights really applied (spec 7.17)
+    # the offline RPN is attached with its weights really applied (RegionCLIP issues #67, #81, #98)
     assert m.rpn is not None and m.info.rpn_kind == "lvis_866_fpn"
     assert torch.equal(m.rpn.state_dict()[RPN_MARKER_KEY], rpn_state[RPN_MARKER_KEY])
     assert torch.equal(m.rpn.state_dict()[RPN_MARKER_KEY][0, :3, 0, 0],
@@ -215,8 +218,8 @@ def test_oai_clip_teacher_student_split(tmp_path, micro_state, teacher_prefix):
 
 
 def test_open_clip_file_fp16_and_bn_counters(tmp_path, micro_state):
-    """OpenAI weights are fp16 (upcast, spec 7.18); open_clip's BatchNorm2d adds
-    num_batches_tracked, which FrozenBN does not have (spec 2.5)."""
+    """OpenAI weights are fp16 (upcast: RegionCLIP runs fp32); open_clip's BatchNorm2d adds
+    num_batches_tracked, which FrozenBN (detectron2/layers/batch_norm.py) does not have."""
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in micro_state.items()}
     tensors["visual.bn1.num_batches_tracked"] = torch.tensor(7)
     tensors["visual.layer1.0.bn2.num_batches_tracked"] = torch.tensor(7)
@@ -276,7 +279,7 @@ def test_unknown_grid_is_not_a_known_architecture(micro_state):
 
 
 # ------------------------------------------------------------------------------------------
-# Strict loading: never drop backbone keys silently (spec 7.16)
+# Strict loading: never drop backbone keys silently (the official loader skips mismatches)
 # ------------------------------------------------------------------------------------------
 
 def _one_line(e: RclipError) -> str:
@@ -323,7 +326,7 @@ def test_requested_architecture_must_match_the_file(tmp_path, official_file):
     with pytest.raises(WeightsError) as ei:
         load_model(weights=official_file, model="RN50x4")
     assert "test-micro" in _one_line(ei.value) and "--model RN50x4" in str(ei.value)
-    native = load_model(weights=official_file, with_rpn=False).save(tmp_path / "micro.safetensors")
+    native = save_model(load_model(weights=official_file, with_rpn=False), tmp_path / "micro.safetensors")
     with pytest.raises(WeightsError, match="--model RN50-quickgelu was asked for"):
         load_model(weights=native, model="RN50-quickgelu")
     # the right name (or its registry alias) is accepted
@@ -340,7 +343,7 @@ def test_native_roundtrip_keeps_everything(tmp_path, official_file, rpn_state):
     m = load_model(weights=official_file)
     m.class_names = ["kite", "boy"]
     m.class_embeddings = torch.tensor([[1.0] * 32, [-2.0] * 32])
-    path = m.save(tmp_path / "model.safetensors", extra={"templates": ["a photo of a {}."]})
+    path = save_model(m, tmp_path / "model.safetensors", extra={"templates": ["a photo of a {}."]})
     wf = read_weights(path)
     meta = wf.metadata
     assert wf.container == "safetensors"
@@ -362,7 +365,7 @@ def test_native_roundtrip_keeps_everything(tmp_path, official_file, rpn_state):
 
 def test_native_without_text(tmp_path, micro_state):
     m = load_model(model="test-micro", random_init=True)
-    path = m.save(tmp_path / "visual.safetensors", include_text=False)
+    path = save_model(m, tmp_path / "visual.safetensors", include_text=False)
     wf = read_weights(path)
     assert wf.metadata["has_text"] is False
     assert all(k.startswith("visual.") for k in wf.tensors)
@@ -383,8 +386,124 @@ def test_native_file_of_other_kind_is_not_a_model(tmp_path):
     _one_line(ei.value)
 
 
+def _check_split_agrees_with_info(path: Path) -> dict:
+    """Every key of a native file is in exactly one part of the prefix table, `rclip weights
+    info` counts the same parts, and join_native inverts split_native."""
+    tensors = read_weights(path).tensors
+    parts, unknown = split_native(tensors)
+    assert unknown == []
+    assert sum(len(p) for p in parts.values()) == len(tensors)
+    assert sorted(join_native(parts)) == sorted(tensors)
+    info = describe_weights(path)
+    described = {}
+    for p in PARTS:
+        if p.info is not None and parts[p.name]:
+            described.setdefault(p.info, 0)
+            described[p.info] += len(parts[p.name])
+    assert {k: v["tensors"] for k, v in info["parts"].items()} == described
+    # a part info does not describe (the trained RPN) is listed as ignored keys, as before
+    assert info["ignored_keys"] == sorted(native_key("trained_rpn", k) for k in parts["trained_rpn"])
+    return parts
+
+
+def test_one_prefix_table_for_save_load_and_info(tmp_path, official_file, rpn_state):
+    """save_model / save_detector, split_native, describe_weights and the loaders agree on every
+    key of the native layout."""
+    m = load_model(weights=official_file)  # visual + text + offline RPN + box predictor
+    m.class_names = ["kite", "boy"]
+    m.class_embeddings = torch.tensor([[1.0] * 32, [-2.0] * 32])
+    path = save_model(m, tmp_path / "model.safetensors")
+    parts = _check_split_agrees_with_info(path)
+    assert {name for name, p in parts.items() if p} == {"visual", "text", "rpn", "box_predictor", "class_embeddings"}
+    m2 = load_model(weights=path)
+    _assert_same(parts["visual"], _visual(m2.clip.state_dict()))
+    _assert_same({**parts["visual"], **parts["text"]}, m2.clip.state_dict())
+    _assert_same(parts["rpn"], m2.rpn.state_dict())
+    _assert_same(parts["box_predictor"], m2.box_predictor)
+    assert torch.equal(parts["class_embeddings"]["class_embeddings"], m2.class_embeddings)
+
+    torch.manual_seed(0)
+    emb = torch.randn(3, 32)
+    config = DetectorConfig(proposals="trained", mask_head=True, rpn=TrainableRPNConfig(anchor_sizes=[8.0, 16.0], nms=0.6))
+    inference = InferenceConfig(score_thresh=0.1, nms=0.4, soft_nms=True)
+    det = Detector(load_model(model="test-micro", random_init=True), emb[:2], emb, class_names=["a", "b", "c"],
+                   train_class_names=["a", "b"], config=config, inference=inference, freeze_at=3)
+    path = save_detector(det, tmp_path / "det.safetensors", extra={"note": "x"})
+    parts = _check_split_agrees_with_info(path)
+    assert {name for name, p in parts.items() if p} == {"visual", "text", "trained_rpn", "box_predictor", "mask_head",
+                                                         "class_embeddings"}
+    meta = read_weights(path).metadata
+    assert meta["kind"] == "detector" and meta["note"] == "x" and meta["freeze_at"] == 3
+    assert "detector_settings" not in meta
+    assert meta["detector"] == config.to_dict() and meta["inference"] == inference.to_dict()
+    loaded = load_detector(path)
+    assert loaded.config == config and loaded.inference_config == inference
+    _assert_same(detector_tensors(loaded), read_weights(path).tensors)
+    _assert_same(parts["trained_rpn"], loaded.proposal_generator.state_dict())
+    _assert_same(parts["mask_head"], loaded.mask_head.state_dict())
+
+    det = Detector(m, emb[:2], None)  # the offline RPN of the model
+    path = save_detector(det, tmp_path / "offline.safetensors", include_text=False)
+    parts = _check_split_agrees_with_info(path)
+    assert {name for name, p in parts.items() if p} == {"visual", "rpn", "box_predictor", "class_embeddings"}
+    loaded = load_detector(path)
+    _assert_same(detector_tensors(loaded, include_text=False), read_weights(path).tensors)
+    _assert_same(parts["rpn"], rpn_state)
+
+
+# The flat `detector_settings` of detector files written before DetectorConfig / InferenceConfig
+# (DetectorSettings.lvis(proposals="trained", offline_rpn_pre_nms_topk=300).to_dict()).
+LEGACY_LVIS_SETTINGS = {
+    "temperature": 0.01, "rois_per_image": 512, "positive_fraction": 0.25, "fg_iou": 0.5, "append_gt": True,
+    "focal_gamma": None, "bg_weight": 0.8, "box_reg_weights": [10.0, 10.0, 5.0, 5.0], "box_loss_weight": 1.0,
+    "mask_head": True, "mask_loss_weight": 1.0, "proposals": "trained", "offline_rpn_pre_nms_topk": 300,
+    "offline_rpn_post_nms_topk": 1000, "offline_rpn_nms": 0.7, "anchor_sizes": [32.0, 64.0, 128.0, 256.0, 512.0],
+    "anchor_ratios": [0.5, 1.0, 2.0], "rpn_fg_iou": 0.7, "rpn_bg_iou": 0.3, "rpn_batch_per_image": 256,
+    "rpn_positive_fraction": 0.5, "rpn_pre_nms_topk_train": 12000, "rpn_post_nms_topk_train": 2000,
+    "rpn_pre_nms_topk_test": 6000, "rpn_post_nms_topk_test": 1000, "rpn_nms": 0.7, "score_thresh": 0.02,
+    "nms_thresh": 0.5, "max_dets": 300, "fusion": "official", "soft_nms": False, "soft_nms_sigma": 0.5,
+    "soft_nms_prune": 0.001, "chunk_size": 256,
+}
+
+
+def _leaves(d: dict, prefix: str = "") -> set[str]:
+    return {n for k, v in d.items() for n in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k})}
+
+
+def test_legacy_detector_settings_map_to_sections(tmp_path):
+    """The one table from the flat `detector_settings` metadata to the detector / inference
+    sections covers every field the two types had then, and legacy files load with it."""
+    nested = nest_detector_settings(LEGACY_LVIS_SETTINGS)
+    assert nested["inference"]["nms"] == 0.5 and "nms_thresh" not in nested["inference"]
+    assert nested["detector"]["offline_rpn"] == {"pre_nms_topk": 300, "post_nms_topk": 1000, "nms": 0.7}
+    assert nested["detector"]["rpn"]["fg_iou"] == 0.7 and nested["detector"]["rpn"]["nms"] == 0.7
+    # every field of the new types has a legacy key, but those that did not exist then
+    assert _leaves(nested["detector"]) == _leaves(DetectorConfig().to_dict()) - {"offline_rpn.kind"}
+    assert _leaves(nested["inference"]) == _leaves(InferenceConfig().to_dict()) - {"topk_labels"}
+    expected = DetectorConfig.lvis(proposals="trained", offline_rpn=OfflineRPNConfig(pre_nms_topk=300))
+    sections = detector_sections({"detector_settings": LEGACY_LVIS_SETTINGS})
+    assert DetectorConfig.from_dict(sections["detector"]) == expected
+    assert InferenceConfig.from_dict(sections["inference"]) == InferenceConfig.lvis()
+    assert detector_sections({"detector": expected.to_dict(), "inference": InferenceConfig.lvis().to_dict()}) == \
+        {"detector": expected.to_dict(), "inference": InferenceConfig.lvis().to_dict()}
+    assert detector_sections({}) == {"detector": {}, "inference": {}}
+
+    # a detector file written with the flat settings loads with the mapped ones
+    torch.manual_seed(0)
+    emb = torch.randn(3, 32)
+    det = Detector(load_model(model="test-micro", random_init=True), emb[:2], emb, config=expected,
+                   inference=InferenceConfig.lvis())
+    meta = {k: v for k, v in read_weights(save_detector(det, tmp_path / "new.safetensors")).metadata.items()
+            if k not in ("detector", "inference", "format", "format_version", "rclip_version")}
+    legacy = save_safetensors(tmp_path / "legacy.safetensors", detector_tensors(det),
+                              {**meta, "detector_settings": LEGACY_LVIS_SETTINGS})
+    loaded = load_detector(legacy)
+    assert loaded.config == expected and loaded.inference_config == InferenceConfig.lvis()
+    _assert_same(detector_tensors(loaded), detector_tensors(det))
+
+
 # ------------------------------------------------------------------------------------------
-# Concept / class embedding files (spec 2.4)
+# Concept / class embedding files (the official *_cls_emb*.pth: one float32 [N, D] tensor)
 # ------------------------------------------------------------------------------------------
 
 def test_official_embedding_files(tmp_path):

@@ -1,8 +1,8 @@
 """``rclip weights``: list, info, convert (round trip) and download, and their error contract.
 
-The official-format files are built here in the layout of spec 2.2 (``{"model": {...}}`` with
-``backbone.*``, ``lang_encoder.*``, ``teacher_backbone.*``, ``roi_heads.box_predictor.*``,
-``roi_heads.mask_head.*``) from the tiny ``test-micro`` architecture, so every expected number
+The official-format files are built here in the layout of RegionCLIP's ``clip_rcnn.py`` state
+dicts (``{"model": {...}}`` with ``backbone.*``, ``lang_encoder.*``, ``teacher_backbone.*``,
+``roi_heads.box_predictor.*``, ``roi_heads.mask_head.*``) from the tiny ``test-micro`` architecture, so every expected number
 below follows from that config: ModifiedResNet layers [1, 1, 1, 1], width 8, embed dim 32,
 image size 64 -> attnpool grid 2, pooler resolution 4; text tower 1 layer, width 32, context 16.
 """
@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from rclip_cli.main import cli
 from rclip_core.models.clip import build_clip
-from rclip_core.models.registry import REGISTRY
+from rclip_core.weights.registry import REGISTRY
 
 
 def _lines(text: str) -> list[str]:
@@ -41,7 +41,7 @@ def _official_state(seed: int = 0) -> dict[str, torch.Tensor]:
         if k.startswith("visual.") and v.is_floating_point() and not k.endswith("running_var"):
             v += 0.3 * torch.randn_like(v)
         model[("backbone." + k[len("visual."):]) if k.startswith("visual.") else ("lang_encoder." + k)] = v
-    model.pop("lang_encoder.logit_scale")  # RegionCLIP files have none (spec 2.2)
+    model.pop("lang_encoder.logit_scale")  # RegionCLIP files have none
     for k in [k for k in model if k.startswith("backbone.")]:
         model["teacher_backbone." + k[len("backbone."):]] = model[k].clone()
     model["roi_heads.box_predictor.cls_score.weight"] = torch.randn(3, 32)
@@ -78,7 +78,7 @@ def test_list_shows_every_named_model():
 
 def test_info_official_detector(official_pth, tmp_path):
     path, state = official_pth
-    # Add offline C4 RPN names (spec 2.2): `info` recognises the RPN kind from key names alone.
+    # Add offline C4 RPN names (offline_backbone.* / offline_proposal_generator.*): `info` recognises the RPN kind from key names alone.
     with_rpn = dict(state)
     for k in ("offline_backbone.stem.conv1.weight", "offline_backbone.res4.0.conv1.weight",
               "offline_proposal_generator.rpn_head.objectness_logits.weight"):
@@ -127,7 +127,7 @@ def test_info_embedding_file(tmp_path):
 
 
 def test_convert_round_trip(official_pth, tmp_path):
-    from rclip_core.models.regionclip import load_model
+    from rclip_core.weights.loaders import load_model
 
     src, state = official_pth
     out = tmp_path / "sub" / "micro.safetensors"

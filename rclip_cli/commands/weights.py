@@ -62,7 +62,7 @@ def list_cmd(as_json: bool, debug: bool) -> None:
     """
     from rich.table import Table
 
-    from rclip_core.models.registry import list_named_models
+    from rclip_core.weights.registry import list_named_models
 
     models = list_named_models()
     if as_json:
@@ -96,157 +96,6 @@ def list_cmd(as_json: bool, debug: bool) -> None:
 # ------------------------------------------------------------------------------------------
 # info
 # ------------------------------------------------------------------------------------------
-
-def _count(tensors: dict) -> dict[str, int]:
-    return {"tensors": len(tensors), "parameters": int(sum(int(t.numel()) for t in tensors.values()))}
-
-
-def _visual_arch(state: dict, prefix: str) -> dict[str, Any] | None:
-    from rclip_core.errors import WeightsError
-    from rclip_core.weights.official import infer_visual_config, known_architecture_name
-
-    try:
-        cfg = infer_visual_config(state, prefix=prefix)
-    except WeightsError:
-        return None
-    v = cfg["vision_cfg"]
-    grid = int(v["image_size"]) // 32
-    return {"name": known_architecture_name(cfg), "layers": list(v["layers"]), "width": int(v["width"]),
-            "embed_dim": int(cfg["embed_dim"]), "image_size": int(v["image_size"]), "attnpool_grid": grid,
-            "pooler_resolution": 2 * grid}
-
-
-def _rpn_kind(keys: list[str]) -> str:
-    from rclip_core.errors import WeightsError
-    from rclip_core.models.proposals import OfflineRPN
-
-    try:
-        return OfflineRPN.detect_kind(keys)
-    except WeightsError as e:
-        return f"unsupported ({e})"
-
-
-def _box_predictor_info(bp: dict) -> dict[str, Any]:
-    """Class counts from the Detectron2 box predictor tensors (spec 2.2)."""
-    out: dict[str, Any] = {}
-    if "cls_score.weight" in bp:
-        out["train_classes"] = int(bp["cls_score.weight"].shape[0])
-    if "test_cls_score.weight" in bp:
-        out["test_classes"] = int(bp["test_cls_score.weight"].shape[0])
-    if "bbox_pred.weight" in bp:
-        c = int(bp["bbox_pred.weight"].shape[0]) // 4
-        out["box_regression"] = "class-agnostic" if c == 1 else f"per class ({c})"
-    out["background_embedding"] = "cls_bg_score.weight" in bp
-    return out
-
-
-def _split_native(tensors: dict, meta: dict) -> tuple[dict[str, dict], list[str]]:
-    """An rclip safetensors file -> parts (same names as for foreign files) + unknown keys."""
-    from rclip_core.weights.official import TEXT_KEYS_EXACT, TEXT_KEYS_PREFIXES
-
-    parts: dict[str, dict] = {p: {} for p in ("visual", "text", "teacher", "rpn", "box_predictor", "mask_head",
-                                              "embeddings")}
-    unknown: list[str] = []
-    for k, v in tensors.items():
-        if k.startswith("visual."):
-            parts["visual"][k] = v
-        elif k.startswith(TEXT_KEYS_PREFIXES) or k in TEXT_KEYS_EXACT:
-            parts["text"][k] = v
-        elif k.startswith("teacher."):
-            parts["teacher"][k[len("teacher."):].removeprefix("visual.")] = v
-        elif k.startswith("rpn."):
-            parts["rpn"][k[len("rpn."):]] = v
-        elif k.startswith("box_predictor."):
-            parts["box_predictor"][k[len("box_predictor."):]] = v
-        elif k.startswith("mask_head."):
-            parts["mask_head"][k[len("mask_head."):]] = v
-        elif k in ("class_embeddings", "embeddings"):
-            parts["embeddings"][k] = v
-        else:
-            unknown.append(k)
-    return parts, unknown
-
-
-def describe_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """Everything `rclip weights info` reports about a weights file, as plain JSON-able data.
-
-    Reads the file once (never executing pickled code). Raises InputError / WeightsError for
-    missing, unreadable or unrecognised files.
-    """
-    from rclip_core.weights.io import read_weights
-    from rclip_core.weights.official import convert_checkpoint
-
-    wf = read_weights(path)
-    meta = dict(wf.metadata)
-    native = meta.get("format") == "rclip"
-    if native:
-        parts, ignored = _split_native(wf.tensors, meta)
-        fmt = "rclip"
-        kind = meta.get("kind") or ("embeddings" if parts["embeddings"] and not parts["visual"] else "model")
-    else:
-        conv = convert_checkpoint(wf.tensors)
-        fmt = conv.source_format
-        parts = {
-            "visual": {k: v for k, v in conv.clip_state.items() if k.startswith("visual.")},
-            "text": {k: v for k, v in conv.clip_state.items() if not k.startswith("visual.")},
-            "teacher": conv.teacher_visual_state,
-            "rpn": conv.rpn_state,
-            "box_predictor": conv.box_predictor,
-            "mask_head": conv.mask_head,
-            "embeddings": {} if conv.embeddings is None else {"embeddings": conv.embeddings},
-        }
-        ignored = list(conv.ignored)
-        kind = {"embeddings": "embeddings", "rpn": "rpn", "oai_clip": "clip", "open_clip": "clip"}.get(fmt)
-        if kind is None:
-            kind = "detector" if conv.box_predictor else "regionclip"
-
-    info: dict[str, Any] = {
-        "path": str(wf.path),
-        "file_size_bytes": wf.path.stat().st_size,
-        "container": wf.container,
-        "format": fmt,
-        "kind": kind,
-        "architecture": _visual_arch(parts["visual"], "visual.") if parts["visual"] else None,
-        "text_tower": None,
-        "teacher": None,
-        "offline_rpn": None,
-        "box_predictor": None,
-        "mask_head": None,
-        "embeddings": None,
-        **_count(wf.tensors),
-        "parts": {name: _count(p) for name, p in parts.items() if p},
-        "ignored_keys": sorted(ignored),
-    }
-    if native:
-        info["rclip_metadata"] = {k: meta[k] for k in ("format_version", "rclip_version", "kind") if k in meta}
-        arch_meta = meta.get("architecture")
-        arch_name = arch_meta.get("name") if isinstance(arch_meta, dict) else arch_meta
-        if info["architecture"] is not None and arch_name:
-            info["architecture"]["name"] = arch_name  # the name recorded at save time wins
-    text = parts["text"]
-    if "token_embedding.weight" in text:
-        from rclip_core.weights.official import infer_text_config
-
-        info["text_tower"] = infer_text_config(text)
-    if parts["teacher"]:
-        info["teacher"] = _visual_arch(parts["teacher"], "")
-    if parts["rpn"]:
-        info["offline_rpn"] = {"kind": _rpn_kind(list(parts["rpn"]))}
-    if parts["box_predictor"]:
-        info["box_predictor"] = _box_predictor_info(parts["box_predictor"])
-    if parts["mask_head"]:
-        mh = parts["mask_head"]
-        deconv = mh.get("deconv.weight")
-        info["mask_head"] = {"in_channels": int(deconv.shape[0]) if deconv is not None else None}
-    if parts["embeddings"]:
-        emb = next(iter(parts["embeddings"].values()))
-        emb2 = emb.unsqueeze(0) if emb.ndim == 1 else emb
-        names = meta.get("names") or meta.get("class_names") if native else None
-        info["embeddings"] = {"rows": int(emb2.shape[0]), "dim": int(emb2.shape[-1]),
-                              "names": list(names)[:5] if names else None,
-                              "normalised": bool(((emb2.float().norm(dim=-1) - 1).abs() < 1e-3).all())}
-    return info
-
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
@@ -320,6 +169,8 @@ def info_cmd(path: str, as_json: bool, debug: bool) -> None:
       rclip weights info regionclip_finetuned-lvis_rn50.pth
       rclip weights info coco_65_cls_emb.pth --json
     """
+    from rclip_core.weights.inspect import describe_weights
+
     info = describe_weights(path)
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -416,7 +267,9 @@ def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> Non
     """Convert ``readable`` (SRC itself, or its plain copy under --trust) and report on SRC."""
     import gc
 
-    from rclip_core.models.regionclip import load_model, load_rpn_file
+    from rclip_core.weights.inspect import describe_weights
+    from rclip_core.weights.loaders import load_model, load_rpn_file
+    from rclip_core.weights.native import save_model
 
     # Describe first: it validates SRC and says what the conversion will drop.
     src_info = describe_weights(readable)
@@ -440,7 +293,7 @@ def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> Non
     extra = {"converted_from": Path(src).name, "source_format": src_info["format"]}
     if rpn_weights is not None:
         extra["rpn_source"] = Path(rpn_weights).name
-    written = model.save(out, kind=kind, include_text=True, extra=extra)
+    written = save_model(model, out, kind=kind, include_text=True, extra=extra)
 
     kept = [f"visual {model.arch.name}"]
     if model.has_text:
@@ -489,7 +342,7 @@ def download_cmd(name: str, out_dir: Path | None, debug: bool) -> None:
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from rclip_core.models.registry import REGISTRY
+    from rclip_core.weights.registry import REGISTRY
     from rclip_core.weights.io import download
 
     if name not in REGISTRY:

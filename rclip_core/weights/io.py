@@ -75,6 +75,23 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()[:200])
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The rclip metadata of a safetensors file from its header alone (no tensor is read): {}
+    for a safetensors file without it, None for anything else (a pickle, a missing or empty
+    path). Raises WeightsError for an unreadable header."""
+    p = Path(path)
+    if not (p.is_file() and p.stat().st_size > 0 and _is_safetensors(p)):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        return json.loads(raw) if raw else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise WeightsError(f"weights file {p} is corrupt: {' '.join(str(e).split())}") from None
+
+
 def read_weights(path: str | os.PathLike) -> WeightsFile:
     """Read any supported weights file into flat tensors. Never executes pickled code."""
     p = Path(path)

@@ -1,4 +1,6 @@
-"""Import of official RegionCLIP / Detectron2 / OpenAI-CLIP checkpoints (spec 2).
+"""Import of official RegionCLIP / Detectron2 / OpenAI-CLIP checkpoints (the state-dict names of
+RegionCLIP's ``clip_rcnn.py: CLIPFastRCNN`` / ``PretrainFastRCNN`` saved by
+``detectron2/checkpoint/detection_checkpoint.py``, and OpenAI / open_clip ``CLIP``).
 
 Everything here is key mapping on flat ``{name: tensor}`` dicts (no modules are built):
 
