@@ -14,8 +14,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rclip_core.data import captions as CAP
-from rclip_core.data.captions import (CaptionRecord, ImageTextDataset, decode_image, expand_paths,
-                                      iter_caption_records, iter_captions, iter_records, resolve_sources)
+from rclip_core.data.captions import (CaptionRecord, expand_paths, iter_caption_records, iter_captions, iter_records,
+                                      resolve_sources)
+from rclip_core.data.images import load_image, read_image, xywh_to_xyxy
+from rclip_core.data.streams import ImageTextDataset
 from rclip_core.errors import InputError
 
 
@@ -296,15 +298,66 @@ def image_jsonl(tmp_path: Path) -> Path:
     return f
 
 
-def test_decode_image_exif_rgb_and_errors(tmp_path):
+def test_read_image_exif_rgb_and_errors(tmp_path):
     f = image_jsonl(tmp_path)
-    assert decode_image(tmp_path / "img" / "b.jpg").size == (4, 8)
-    assert decode_image((tmp_path / "img" / "c.png").read_bytes()).mode == "RGB"
-    with pytest.raises(FileNotFoundError):
-        decode_image(tmp_path / "img" / "missing.jpg")
-    with pytest.raises(ValueError):
-        decode_image(CORRUPT)
+    assert read_image(tmp_path / "img" / "b.jpg").size == (4, 8)
+    assert read_image((tmp_path / "img" / "c.png").read_bytes()).mode == "RGB"
+    with pytest.raises(InputError, match="image not found"):
+        read_image(tmp_path / "img" / "missing.jpg")
+    with pytest.raises(InputError, match="cannot read image <bytes>: corrupt or truncated"):
+        read_image(CORRUPT)
+    with pytest.raises(InputError, match=r"cannot read image shard/k\.jpg"):
+        read_image(CORRUPT, name="shard/k.jpg")
     assert f.exists()
+
+
+def jpeg_with_broken_exif(w: int = 8, h: int = 4) -> bytes:
+    """A JPEG whose EXIF block says orientation 6 (rotate 90 degrees) but also holds a DateTime
+    tag stored as a signed rational: PIL reads the orientation, yet ``ImageOps.exif_transpose``
+    raises when it re-writes the block (PIL 13: AttributeError)."""
+    import struct
+
+    ifd = [struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0),  # Orientation SHORT 6
+           struct.pack("<HHII", 0x0132, 10, 1, 38)]  # DateTime as SRATIONAL at offset 38
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(ifd)) + b"".join(ifd) + b"\x00" * 4
+    app1 = b"Exif\x00\x00" + tiff + struct.pack("<ii", -1, 0)
+    plain = jpeg_bytes(w, h)
+    return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:]
+
+
+def test_broken_exif_one_policy_for_inference_and_training(tmp_path):
+    """One decoder: a broken EXIF block never loses the image, the readable orientation is
+    applied (detectron2's _apply_exif_orientation), and the training stream gets exactly the
+    pixels inference reads."""
+    import numpy as np
+
+    write_image(tmp_path / "ok.jpg")
+    (tmp_path / "broken.jpg").write_bytes(jpeg_with_broken_exif())
+    (tmp_path / "header-only.jpg").write_bytes(jpeg_bytes(8, 4)[:2] + b"\xff\xe1\x00\x08Exif\x00\x00"
+                                               + jpeg_bytes(8, 4)[2:])
+    inference = read_image(tmp_path / "broken.jpg")
+    assert inference.size == (4, 8) and inference.mode == "RGB"
+    assert read_image(tmp_path / "header-only.jpg").size == (8, 4)
+    assert load_image(tmp_path / "broken.jpg", short=16, max_size=64).orig_size == (8, 4)  # (h, w)
+    f = tmp_path / "caps.jsonl"
+    f.write_text("".join(json.dumps({"image": n, "caption": n}) + "\n"
+                         for n in ("ok.jpg", "broken.jpg", "header-only.jpg")))
+    ds = ImageTextDataset(f, caption_choice="first", transform=np.asarray)
+    got = {s.caption: s.image for s in ds}
+    assert ds.stats == stats(ok=3, missing=0, corrupt=0)
+    for name, pixels in got.items():
+        assert np.array_equal(pixels, np.asarray(read_image(tmp_path / name))), name
+    shard = write_shard(tmp_path / "s.tar", [("k.jpg", jpeg_with_broken_exif()), ("k.txt", b"broken")])
+    (sample,) = list(ImageTextDataset(shard, transform=np.asarray))
+    assert np.array_equal(sample.image, np.asarray(inference))
+
+
+def test_xywh_to_xyxy():
+    import numpy as np
+
+    got = xywh_to_xyxy([[10, 20, 5, 0.5], [0, 0, 0, 0]])
+    assert got.dtype == np.float64 and got.tolist() == [[10, 20, 15, 20.5], [0, 0, 0, 0]]
+    assert xywh_to_xyxy([]).shape == (0, 4)
 
 
 def test_image_text_dataset_counts_and_transforms(tmp_path):

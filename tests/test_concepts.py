@@ -1,4 +1,4 @@
-"""Concept extraction (rclip_core.concepts) and `rclip concepts`, with the real small spaCy
+"""Concept extraction (rclip_core.data.concepts) and `rclip concepts`, with the real small spaCy
 English pipeline (installed from requirements-spacy-model.txt)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from rclip_cli.main import cli
-from rclip_core import concepts as C
+from rclip_core.data import concepts as C
 from rclip_core.data.captions import iter_captions
 from rclip_core.errors import InputError, RclipError
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "realistic_captions.jsonl"
-OFFICIAL_POOL = Path(C.__file__).resolve().parent / "assets" / "concepts" / "coco_nouns_4764.txt"
+OFFICIAL_POOL = Path(C.__file__).resolve().parents[2] / "assets" / "concepts" / "coco_nouns_4764.txt"
 
 # extract_concepts(corpus, min_freq=3): reviewed by hand against the hand-labelled "concepts"
 # of every caption (see test_corpus_precision_recall for the comparison).
@@ -282,7 +282,9 @@ def test_write_and_read_formats(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [("", "is empty"), ("kite,many", "not an integer"),
-                                              (",3", "empty concept name")])
+                                              (",3", "empty concept name"),
+                                              ("kite,3\nteddy bear\nKite ,1",
+                                               r"line 3: duplicate concept 'Kite' \(first at line 1\)")])
 def test_read_errors(tmp_path, content, message):
     p = tmp_path / "pool.txt"
     p.write_text(content)
@@ -290,6 +292,33 @@ def test_read_errors(tmp_path, content, message):
         C.read_concept_pool(p)
     with pytest.raises(InputError, match="not found"):
         C.read_concept_pool(tmp_path / "missing.txt")
+
+
+def test_load_concept_pool_every_source(tmp_path, monkeypatch):
+    """The one pool reader of pseudo-labelling and pretraining: built-in names, text files, COCO JSON."""
+    coco_nouns = C.load_concept_pool("coco-nouns")
+    assert len(coco_nouns) == 4764 and coco_nouns == C.read_concept_pool(OFFICIAL_POOL)
+    lvis = C.load_concept_pool("LVIS")
+    assert len(lvis) == 1203 and "window box for plants" in lvis  # the names the prompts get
+    assert len(C.load_concept_pool("coco")) == 80
+    (tmp_path / "pool.txt").write_text("kite,3\nteddy bear,2")
+    assert C.load_concept_pool(tmp_path / "pool.txt") == ["kite", "teddy bear"]
+    assert C.load_concept_pool("pool.txt", root=tmp_path) == ["kite", "teddy bear"]
+    (tmp_path / "coco-nouns").write_text("only this")  # a file of that name wins over the built-in
+    assert C.load_concept_pool("coco-nouns", root=tmp_path) == ["only this"]
+    (tmp_path / "instances.json").write_text(json.dumps(
+        {"images": [], "annotations": [], "categories": [{"id": 7, "name": "kite"}, {"id": 2, "name": "red circle"}]}))
+    assert C.load_concept_pool("instances.json", root=tmp_path) == ["red circle", "kite"]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(InputError, match="has no COCO 'categories'"):
+        C.load_concept_pool(tmp_path / "captions.json")
+    with pytest.raises(InputError, match="concept pool not found") as e:
+        C.load_concept_pool("nouns.txt", root=tmp_path)
+    assert "coco-nouns" in e.value.hint
+    with pytest.raises(InputError, match="no concept pool given"):
+        C.load_concept_pool(" ")
+    monkeypatch.chdir(tmp_path)
+    assert C.load_concept_pool("pool.txt") == ["kite", "teddy bear"]
 
 
 def test_write_refuses_names_that_break_the_format(tmp_path):

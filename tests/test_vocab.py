@@ -1,4 +1,5 @@
-"""Vocabularies and splits from the shipped category lists (spec 2.4, 3.1, 3.2, 7.19)."""
+"""Vocabularies and splits from the shipped category lists (the official ``*_cls_emb.pth`` row order,
+``coco_zeroshot_categories.py``, ``lvis_v1_categories.py``, LVIS embedding vs display names)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rclip_core.data.vocab import (VOCABULARIES, Vocabulary, clean_lvis_name, get_vocabulary,
-                                   parse_classes, read_classes_file)
+from rclip_core.data.vocab import (VOCABULARIES, Vocabulary, class_name_key, get_vocabulary, parse_classes,
+                                   read_classes_file, same_class_names)
 from rclip_core.errors import InputError
+from rclip_core.models.text import clean_lvis_name
 
 ASSETS = Path(__file__).resolve().parents[1] / "rclip_core" / "assets"
 
@@ -144,3 +146,10 @@ def test_vocabulary_checks_lengths():
     assert v.names == ("a",) and v.category_ids == (7,)
     with pytest.raises(InputError):
         v.subset("base")
+
+
+def test_same_class_names_ignores_case_underscores_and_parentheses():
+    assert class_name_key("Window_Box_(for_plants)") == "window box for plants"
+    assert same_class_names(["Teddy_Bear", "kite"], ["teddy bear", "Kite "])
+    assert not same_class_names(["kite", "teddy bear"], ["teddy bear", "kite"])  # order matters
+    assert not same_class_names(["kite"], ["kite", "person"])

@@ -10,8 +10,8 @@ import click
 from rich.table import Table
 
 from rclip_cli._common import console, progress_bar, rclip_command
-from rclip_core.concepts import (ATTRIBUTE_SETS, DEFAULT_SPACY_MODEL, DEFAULT_STOPLIST, PARTITIVE_NOUNS, count_concepts,
-                                 load_spacy_model, select_concepts, write_concept_pool)
+from rclip_core.data.concepts import (ATTRIBUTE_SETS, DEFAULT_SPACY_MODEL, DEFAULT_STOPLIST, PARTITIVE_NOUNS,
+                                      count_concepts, load_spacy_model, select_concepts, write_concept_pool)
 from rclip_core.data.captions import CAPTION_FORMATS, iter_captions, resolve_sources
 from rclip_core.errors import InputError
 

@@ -13,7 +13,8 @@ Formats (picked by extension, ``.gz`` allowed for the text formats; ``fmt=`` ove
 ``csv``        ``.csv`` with a header: ``image,caption`` or ``filepath,title`` (img2dataset /
                open_clip), other names as for JSONL. One row per caption.
 ``tsv``        ``.tsv``: the same with tabs, or, without a header, RegionCLIP's text TSV rows
-               ``key<TAB>caption`` / ``key<TAB>{"captions": [...]}`` (text only, spec 4.2).
+               ``key<TAB>caption`` / ``key<TAB>{"captions": [...]}`` (text only; the official
+               ``detectron2/data/clip_datasets/clip_img_txt_pair_tsv.py``).
 ``txt``        ``.txt``: one caption per line (text only).
 ``tar``        webdataset shards in the img2dataset layout: ``KEY.jpg`` (or png/jpeg/webp)
                with ``KEY.txt`` and/or ``KEY.json`` (``"caption"`` field). Read as a stream,
@@ -32,9 +33,9 @@ Three ways in:
 * :func:`iter_records` / :func:`iter_caption_records`: ``CaptionRecord(key, image, caption)``,
   one per caption; ``image`` is a path or None (text-only formats and tar shards);
 * :func:`iter_captions`: the caption strings of any mix of sources (``rclip concepts``);
-* :class:`ImageTextDataset`: a torch ``IterableDataset`` of decoded images
-  (``ImageTextSample(key, image, caption)``) for training, which skips missing and corrupt
-  images and counts them instead of failing.
+* :class:`rclip_core.data.streams.ImageTextDataset`: the training stream of decoded images
+  (``ImageTextSample(key, image, caption)``), which skips missing and corrupt images and counts
+  them instead of failing; it reads shards with :func:`iter_shard_samples`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import gzip
 import io
 import json
 import os
-import random
 import re
 import tarfile
 import zlib
@@ -52,26 +52,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import IterableDataset, get_worker_info
 
 from rclip_core.errors import InputError
 
 __all__ = [
     "CAPTION_FORMATS",
     "CaptionRecord",
-    "ImageTextSample",
-    "ImageTextDataset",
     "CaptionSource",
+    "ShardError",
     "detect_format",
     "expand_paths",
     "resolve_sources",
     "iter_records",
     "iter_caption_records",
     "iter_captions",
-    "decode_image",
-    "distributed_rank_world",
+    "iter_shard_samples",
+    "sample_captions",
+    "sample_image",
+    "is_url",
 ]
 
 CAPTION_FORMATS: dict[str, str] = {
@@ -95,20 +93,12 @@ _URL = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]+://)")  # http://, s3://, gs:
 
 class CaptionRecord(NamedTuple):
     """One caption. ``image``: the image file's path, or None (text-only formats, and tar
-    shards, whose images live inside the shard and are read by :class:`ImageTextDataset`)."""
+    shards, whose images live inside the shard and are read by
+    :class:`rclip_core.data.streams.ImageTextDataset`)."""
 
     key: str
     image: str | None
     caption: str
-
-
-class ImageTextSample(NamedTuple):
-    """One training sample. ``image``: RGB PIL image, or whatever ``transform`` made of it (e.g.
-    a float tensor [3, H, W]); ``caption``: the string, or ``text_transform``'s output."""
-
-    key: str
-    image: Any
-    caption: Any
 
 
 @dataclass(frozen=True)
@@ -148,7 +138,8 @@ def _braceexpand(pattern: str) -> list[str]:
     return [e for opt in options for e in _braceexpand(head + opt + tail)]
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``http://``, ``s3://``, ``pipe:cmd``) rather than a local path."""
     return bool(_URL.match(path))
 
 
@@ -184,7 +175,7 @@ def expand_paths(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             if not part:
                 continue
             for p in _braceexpand(part):
-                if not _is_url(p) and os.path.isdir(p):
+                if not is_url(p) and os.path.isdir(p):
                     shards = sorted(str(Path(p) / f) for f in os.listdir(p)
                                     if f.lower().endswith((".tar", ".tar.gz", ".tgz")))
                     if not shards:
@@ -222,7 +213,7 @@ def resolve_sources(specs: str | os.PathLike | CaptionSource | Iterable[str | os
     sources = []
     for p in paths:
         f = fmt or detect_format(p)
-        if _is_url(p):
+        if is_url(p):
             if f != "tar":
                 raise InputError(f"{p}: only tar shards can be read from a URL", "download the file first")
             if _webdataset() is None:
@@ -277,7 +268,7 @@ def _resolve_image(image: Any, root: Path) -> str | None:
     if image is None or image == "":
         return None
     image = str(image)
-    if _is_url(image) or os.path.isabs(image):
+    if is_url(image) or os.path.isabs(image):
         return image
     return str(root / image)
 
@@ -486,7 +477,8 @@ def _tar_samples(url: str, with_images: bool) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def _sample_captions(sample: dict[str, Any]) -> list[str]:
+def sample_captions(sample: dict[str, Any]) -> list[str]:
+    """The captions of a shard sample: its ``.txt``, else the ``caption`` field(s) of its ``.json``."""
     if "txt" in sample:
         text = sample["txt"].decode("utf-8", errors="replace").strip()
         if text:
@@ -501,32 +493,35 @@ def _sample_captions(sample: dict[str, Any]) -> list[str]:
     return []
 
 
-def _sample_image(sample: dict[str, Any]) -> tuple[str, bytes] | None:
+def sample_image(sample: dict[str, Any]) -> tuple[str, bytes] | None:
+    """``(extension, encoded bytes)`` of a shard sample's image, or None when it has none."""
     for ext in _IMAGE_EXTS:
         if ext in sample:
             return ext, sample[ext]
     return None
 
 
-class _ShardError(Exception):
+class ShardError(Exception):
     """A shard that broke off mid-stream (truncated / not a tar)."""
 
 
-def _iter_shard(url: str, with_images: bool) -> Iterator[dict[str, Any]]:
+def iter_shard_samples(url: str, with_images: bool) -> Iterator[dict[str, Any]]:
+    """The samples ``{"__key__", ext: bytes, ...}`` of one shard, streamed; image members only
+    ``with_images``. A shard that breaks off mid-stream raises :class:`ShardError`."""
     try:
         yield from _tar_samples(url, with_images)
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
         # webdataset appends the stream and url to exn.args; the first argument is the message
         msg = str(e.args[0]) if e.args else type(e).__name__
-        raise _ShardError(f"{url}: {' '.join(msg.split())[:200]}") from None
+        raise ShardError(f"{url}: {' '.join(msg.split())[:200]}") from None
 
 
 def _read_tar(url: str) -> Iterator[CaptionRecord]:
     try:
-        for sample in _iter_shard(url, with_images=False):
-            for c in _sample_captions(sample):
+        for sample in iter_shard_samples(url, with_images=False):
+            for c in sample_captions(sample):
                 yield CaptionRecord(sample["__key__"], None, c)
-    except _ShardError as e:
+    except ShardError as e:
         raise InputError(f"cannot read tar shard {e}", "is the shard complete? re-download it") from None
 
 
@@ -537,7 +532,7 @@ def iter_records(source: CaptionSource | str | os.PathLike, fmt: str | None = No
                  images_root: str | os.PathLike | None = None) -> Iterator[CaptionRecord]:
     """``CaptionRecord``s of one caption file or shard, streamed where the format allows
     (JSONL, CSV/TSV, TXT, tar; a JSON file is parsed whole). Tar records carry ``image=None``
-    here: the image bytes are skipped, not read (see :class:`ImageTextDataset`)."""
+    here: the image bytes are skipped, not read (see :class:`rclip_core.data.streams.ImageTextDataset`)."""
     if not isinstance(source, CaptionSource):
         (source,) = resolve_sources([source], fmt)
     path, f = source.path, source.fmt
@@ -577,269 +572,3 @@ def iter_captions(paths: str | os.PathLike | Iterable[str | os.PathLike], fmt: s
     """
     records = iter_caption_records(paths, fmt)
     return (r.caption for r in records)
-
-
-# --------------------------------------------------------------------------------------------
-# images
-
-
-class _Missing(Exception):
-    pass
-
-
-class _Corrupt(Exception):
-    pass
-
-
-def decode_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode an image file (path) or encoded bytes to RGB with EXIF orientation applied.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything PIL cannot
-    decode completely (truncated, not an image, decompression bomb).
-    """
-    try:
-        return _decode(source)
-    except _Missing as e:
-        raise FileNotFoundError(str(e)) from None
-    except _Corrupt as e:
-        raise ValueError(str(e)) from None
-
-
-def _decode(source: str | os.PathLike | bytes) -> Image.Image:
-    if isinstance(source, (bytes, bytearray)):
-        fp: Any = io.BytesIO(source)
-        name = "<bytes>"
-    else:
-        name = os.fspath(source)
-        if _is_url(name) or not os.path.isfile(name):
-            raise _Missing(name)
-        fp = name
-    try:
-        with Image.open(fp) as im:
-            im.load()  # decode now, so truncated files fail here and not in the transform
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
-                pass
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise _Missing(name) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise _Corrupt(f"{name}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# the training data set
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size): from ``torch.distributed`` when initialised, else from the ``RANK`` /
-    ``WORLD_SIZE`` variables torchrun sets, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    try:
-        return int(os.environ.get("RANK", 0)), max(int(os.environ.get("WORLD_SIZE", 1)), 1)
-    except ValueError:
-        return 0, 1
-
-
-_STAT_NAMES = ("ok", "skipped_missing", "skipped_corrupt", "skipped_no_caption", "bad_shards")
-_STAT_ROWS = 257  # row 0: the process that owns the data set; row 1 + w: DataLoader worker w
-
-
-@dataclass
-class _ImageEntry:
-    key: str
-    image: str | None
-    captions: list[str]
-
-
-class ImageTextDataset(IterableDataset):
-    """Decoded image-caption pairs from caption files and/or tar shards, for training.
-
-    Yields ``ImageTextSample(key, image, caption)`` with ``image = transform(RGB PIL image)``
-    (the PIL image when ``transform`` is None) and ``caption = text_transform(caption)``.
-
-    - Captions per image: ``caption_choice="random"`` picks one per image and epoch (RegionCLIP
-      does this, spec 4.2), deterministically from ``(seed, epoch, key)``; ``"first"`` takes the
-      first; ``"all"`` yields one sample per caption (the image is decoded once).
-    - Missing or corrupt images, and shard samples without a caption, are skipped and counted in
-      :attr:`stats` (``ok``, ``skipped_missing``, ``skipped_corrupt``, ``skipped_no_caption``,
-      ``bad_shards``: shards that broke off mid-stream). Never fatal. Counts from DataLoader
-      workers are summed through a small shared-memory tensor, so ``stats`` in the main process
-      includes them (one row per worker id, up to 256 workers). Counts accumulate over epochs;
-      :meth:`reset_stats` clears them. Each distributed rank counts its own share.
-    - Work splitting: the global worker index is ``rank * num_workers + worker_id`` out of
-      ``world_size * num_workers`` (rank/world size from ``torch.distributed`` or the torchrun
-      variables unless given). Caption files: images ``g, g + G, ...`` of the (optionally
-      shuffled) image list. Shards: shards ``g, g + G, ...`` when there are at least G shards;
-      with fewer shards every worker streams all of them and keeps every G-th sample, so no
-      sample is seen twice in an epoch either way.
-    - ``shuffle``: a permutation of images / shard order drawn from ``seed + epoch``, the same
-      on every worker and rank; call :meth:`set_epoch` each epoch. Samples inside a shard keep
-      their order.
-
-    File formats are indexed when the data set is made (their records are held in memory:
-    keys, paths and captions only); shards are streamed. Text-only formats are refused.
-    Raises InputError for missing paths, unknown formats, text-only sources and a caption file
-    whose first images are all missing (a wrong ``images_root``).
-    """
-
-    def __init__(self, sources: str | os.PathLike | Iterable[str | os.PathLike], *,
-                 fmt: str | None = None, images_root: str | os.PathLike | None = None,
-                 transform: Callable[[Image.Image], Any] | None = None,
-                 text_transform: Callable[[str], Any] | None = None,
-                 caption_choice: str = "random", shuffle: bool = False, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None) -> None:
-        super().__init__()
-        if caption_choice not in ("random", "first", "all"):
-            raise InputError(f"caption_choice must be random, first or all, got {caption_choice!r}")
-        if (rank is None) != (world_size is None):
-            raise InputError("give both rank and world_size, or neither")
-        if world_size is not None and not (0 <= rank < world_size):  # type: ignore[operator]
-            raise InputError(f"rank {rank} is not in [0, {world_size})")
-        resolved = resolve_sources(sources, fmt)
-        self.transform = transform
-        self.text_transform = text_transform
-        self.caption_choice = caption_choice
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        self.rank, self.world_size = rank, world_size
-        self.images: list[_ImageEntry] = []
-        self.shards: list[str] = []
-        for src in resolved:
-            if src.text_only:
-                raise InputError(f"{src.path} has captions only ({src.fmt}); training needs images",
-                                 "use JSONL/CSV with an image column, COCO captions or tar shards")
-            if src.fmt == "tar":
-                self.shards.append(src.path)
-            else:
-                self.images.extend(self._index(src, images_root))
-        self._counts = torch.zeros(_STAT_ROWS, len(_STAT_NAMES), dtype=torch.int64).share_memory_()
-
-    @staticmethod
-    def _index(src: CaptionSource, images_root: str | os.PathLike | None) -> list[_ImageEntry]:
-        entries: dict[str, _ImageEntry] = {}
-        n_records = 0
-        for rec in iter_records(src, images_root=images_root):
-            n_records += 1
-            if rec.image is None:
-                raise InputError(f"{src.path}: record {rec.key!r} has no image path",
-                                 "training needs an image column (image / filepath)")
-            entry = entries.get(rec.image)
-            if entry is None:
-                entries[rec.image] = _ImageEntry(rec.key, rec.image, [rec.caption])
-            else:
-                entry.captions.append(rec.caption)
-        if n_records == 0:
-            raise InputError(f"{src.path} has no captions")
-        first = [e.image for e in list(entries.values())[:16] if e.image and not _is_url(e.image)]
-        if first and not any(os.path.isfile(p) for p in first):
-            raise InputError(f"{src.path}: none of its first {len(first)} images exist (e.g. {first[0]})",
-                             "relative image paths start at the caption file's folder unless "
-                             "images_root is given; check it")
-        return list(entries.values())
-
-    # ---- bookkeeping
-
-    @property
-    def num_images(self) -> int:
-        """Images indexed from caption files (shards are not counted: they are streamed)."""
-        return len(self.images)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        totals = self._counts.sum(dim=0).tolist()
-        return dict(zip(_STAT_NAMES, (int(t) for t in totals), strict=True))
-
-    def reset_stats(self) -> None:
-        self._counts.zero_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _count(self, row: int, name: str, n: int = 1) -> None:
-        self._counts[row, _STAT_NAMES.index(name)] += n
-
-    def _split(self) -> tuple[int, int, int]:
-        """(global worker index g, number of global workers G, stats row)."""
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.world_size is not None:
-            rank, world = self.rank or 0, self.world_size
-        else:
-            rank, world = distributed_rank_world()
-        row = (wid + 1) % _STAT_ROWS if info is not None else 0
-        return rank * nw + wid, world * nw, row
-
-    def _order(self, n: int) -> list[int]:
-        order = list(range(n))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def _pick(self, key: str, captions: list[str]) -> list[str]:
-        if self.caption_choice == "all" or len(captions) <= 1:
-            return captions
-        if self.caption_choice == "first":
-            return captions[:1]
-        h = zlib.crc32(f"{self.seed}:{self.epoch}:{key}".encode())
-        return [captions[h % len(captions)]]
-
-    def _emit(self, key: str, image: Image.Image, captions: list[str], row: int) -> Iterator[ImageTextSample]:
-        chosen = self._pick(key, captions)
-        self._count(row, "ok", len(chosen))
-        for c in chosen:
-            img = self.transform(image) if self.transform is not None else image
-            cap = self.text_transform(c) if self.text_transform is not None else c
-            yield ImageTextSample(key, img, cap)
-
-    # ---- iteration
-
-    def __iter__(self) -> Iterator[ImageTextSample]:
-        g, big_g, row = self._split()
-        for idx in self._order(len(self.images))[g::big_g]:
-            entry = self.images[idx]
-            try:
-                image = _decode(entry.image)  # type: ignore[arg-type]
-            except _Missing:
-                self._count(row, "skipped_missing")
-                continue
-            except _Corrupt:
-                self._count(row, "skipped_corrupt")
-                continue
-            yield from self._emit(entry.key, image, entry.captions, row)
-        if self.shards:
-            yield from self._iter_shards(g, big_g, row)
-
-    def _iter_shards(self, g: int, big_g: int, row: int) -> Iterator[ImageTextSample]:
-        shards = [self.shards[i] for i in self._order(len(self.shards))]
-        by_shard = len(shards) >= big_g
-        mine = shards[g::big_g] if by_shard else shards
-        index = -1
-        for url in mine:
-            try:
-                for sample in _iter_shard(url, with_images=True):
-                    index += 1
-                    if not by_shard and index % big_g != g:
-                        continue
-                    captions = _sample_captions(sample)
-                    img = _sample_image(sample)
-                    if img is None:
-                        self._count(row, "skipped_missing")
-                        continue
-                    if not captions:
-                        self._count(row, "skipped_no_caption")
-                        continue
-                    try:
-                        image = _decode(img[1])
-                    except _Corrupt:
-                        self._count(row, "skipped_corrupt")
-                        continue
-                    yield from self._emit(sample["__key__"], image, captions, row)
-            except _ShardError:
-                self._count(row, "bad_shards")

@@ -6,7 +6,7 @@ One reader for both formats. LVIS v1 is COCO-shaped with three differences that 
   ``file_name``; the file name is the URL's last part and the URL's folder (``val2017`` or
   ``train2017``: LVIS val draws from both) is kept as ``coco_folder`` so that ``--images`` may
   point at either COCO's image folder or its root;
-- categories carry ``frequency`` (r/c/f; rare = novel, spec 3.2);
+- categories carry ``frequency`` (r/c/f; rare = novel: ``detectron2/data/datasets/lvis_v1_categories.py``);
 - images carry ``neg_category_ids`` and ``not_exhaustive_category_ids`` (federated labels).
 
 Category splits are plain sets of category ids; nothing here knows the COCO 48/17 or LVIS r/c/f
@@ -263,8 +263,9 @@ def filter_categories(dataset: DetectionSet, keep_ids: Iterable[int],
                       drop_empty_images: bool = True) -> DetectionSet:
     """Keep only the categories ``keep_ids``: their annotations, and the images that still have one.
 
-    This builds the OVD sets of spec 3.1/3.2: COCO base-only training (48 classes), the 65-class
-    COCO test set (4836 of val2017's images), LVIS training without rare classes. Images that
+    This builds the OVD sets (``coco_zeroshot_categories.py``, ``lvis.py: filter_open_cls``):
+    COCO base-only training (48 classes), the 65-class COCO test set (4836 of val2017's
+    images), LVIS training without rare classes. Images that
     are left without annotations are dropped, as in OVR-CNN's split script and detectron2's
     ``filter_open_cls``. LVIS federated lists are narrowed to the kept categories. Category ids
     are not renumbered (contiguous class indices are the model's business).

@@ -3,8 +3,9 @@
 A :class:`Vocabulary` ties together, row by row, what the text encoder sees (``names``), what
 a user sees (``display_names``) and the dataset's category ids (``category_ids``). Row ``i`` of
 a vocabulary is row ``i`` of its class-embedding matrix and class index ``i`` of a detector
-built on it, which is also the row order of the official ``*_cls_emb.pth`` files (spec 2.4):
-ascending COCO id for the COCO vocabularies, LVIS id order for LVIS.
+built on it, which is also the row order of the official ``*_cls_emb.pth`` files
+(``tools/extract_concept_features.py``; ``detectron2/data/datasets/coco_zeroshot_categories.py``,
+``lvis_v1_categories.py``): ascending COCO id for the COCO vocabularies, LVIS id order for LVIS.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from rclip_core.errors import InputError
 from rclip_core.fileio import read_text
+from rclip_core.models.text import clean_lvis_name
 
 __all__ = [
     "Vocabulary",
@@ -25,7 +27,8 @@ __all__ = [
     "get_vocabulary",
     "parse_classes",
     "read_classes_file",
-    "clean_lvis_name",
+    "class_name_key",
+    "same_class_names",
 ]
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -44,9 +47,15 @@ VOCABULARIES: dict[str, str] = {
 _CONCEPT_POOLS = {"coco-nouns": "coco_nouns_4764.txt", "googlecc-nouns": "googlecc_nouns_6250.txt"}
 
 
-def clean_lvis_name(name: str) -> str:
-    """RegionCLIP's LVIS name cleanup (``get_cls_names``): ``_`` -> space, drop ``(`` ``)``."""
-    return name.replace("_", " ").replace("(", "").replace(")", "")
+def class_name_key(name: str) -> str:
+    """A class name compared loosely: LVIS cleanup (``_``, parentheses), lower case, one space."""
+    return " ".join(clean_lvis_name(str(name)).lower().split())
+
+
+def same_class_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists are the same classes in the same order (case, ``_`` and
+    parentheses ignored, as in LVIS name cleaning)."""
+    return len(a) == len(b) and all(class_name_key(x) == class_name_key(y) for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Caption parsing -> concept pool with frequencies (RegionCLIP's ``*_nouns_*.txt`` files).
+"""Caption parsing -> concept counts (what RegionCLIP's ``*_nouns_*.txt`` pools were made of).
 
 RegionCLIP's concept pool is the list of object nouns that occur in a caption corpus, with their
 counts (``coco_nouns_4764.txt``: 4764 ``noun,count`` lines parsed from COCO Captions, counts
@@ -63,16 +63,14 @@ when a model is loaded.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 from collections import Counter
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from rclip_core.errors import InputError, RclipError
-from rclip_core.fileio import atomic_write_text, read_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from spacy.language import Language
@@ -94,8 +92,6 @@ __all__ = [
     "count_concepts",
     "select_concepts",
     "extract_concepts",
-    "write_concept_pool",
-    "read_concept_pool",
 ]
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm"
@@ -325,7 +321,7 @@ def default_known_compounds() -> frozenset[str]:
     with a colour word are left out ("black sheep" stays "sheep")."""
     import json
 
-    assets = Path(__file__).resolve().parent / "assets"
+    assets = Path(__file__).resolve().parents[2] / "assets"
     names: list[str] = []
     try:
         for c in json.loads((assets / "lvis_v1_categories.json").read_text(encoding="utf-8")):
@@ -541,52 +537,3 @@ def extract_concepts(captions: Iterable[str], nlp_model: "str | Language" = DEFA
                                progress=progress, stoplist=stoplist, partitive_nouns=partitive_nouns,
                                known_compounds=known_compounds, attributes=attributes)
     return select_concepts(counts, min_freq)
-
-
-# --------------------------------------------------------------------------------------------
-# pool files
-
-
-def write_concept_pool(path: str | os.PathLike, concepts: Sequence[tuple[str, int]]) -> Path:
-    """Write ``noun,count`` lines in the official format (no newline after the last line),
-    atomically. Concept names must not contain commas or line breaks."""
-    lines = []
-    for name, count in concepts:
-        if not name or "," in name or "\n" in name or "\r" in name:
-            raise InputError(f"concept name {name!r} cannot be written to a pool file "
-                             "(empty, comma or newline)")
-        lines.append(f"{name},{int(count)}")
-    return atomic_write_text(path, "\n".join(lines))
-
-
-def read_concept_pool(path: str | os.PathLike, with_counts: bool = False
-                      ) -> list[str] | list[tuple[str, int | None]]:
-    """Read a concept pool: ``noun,count`` lines (official format) or plain one-name-per-line.
-
-    As in the official ``get_cls_names``, only the part before the first comma is the name.
-    Returns the names in file order, or ``(name, count)`` pairs with ``with_counts`` (count is
-    ``None`` on lines without one). Blank lines are ignored.
-    """
-    p = Path(path)
-    text = read_text(p, "concept pool")
-    out: list[tuple[str, int | None]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        name, sep, rest = line.partition(",")
-        name = name.strip()
-        if not name:
-            raise InputError(f"concept pool {p} line {lineno}: empty concept name")
-        count: int | None = None
-        if sep:
-            field = rest.strip()
-            try:
-                count = int(field)
-            except ValueError:
-                raise InputError(f"concept pool {p} line {lineno}: count {field!r} "
-                                 "is not an integer") from None
-        out.append((name, count))
-    if not out:
-        raise InputError(f"concept pool {p} is empty")
-    return out if with_counts else [n for n, _ in out]

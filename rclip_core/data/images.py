@@ -1,24 +1,32 @@
-"""Image reading and the test-time resize, exactly as the official Detectron2 mapper (spec 1.5).
+"""Image reading and the test-time resize, exactly as the official Detectron2 mapper.
 
-* read with PIL, EXIF orientation applied, converted to RGB (``detection_utils.read_image``);
+The one image decoder of the project: inference, evaluation, pseudo-labelling and every
+training stream read images with :func:`read_image`.
+
+* read with PIL, EXIF orientation applied, converted to RGB
+  (``detectron2/data/detection_utils.py: read_image`` / ``_apply_exif_orientation``); an EXIF
+  block that PIL cannot parse or re-write counts as "no orientation", as detectron2 does (the
+  image is kept, its pixels are what the file holds);
 * ``ResizeShortestEdge``: scale the short side to ``short`` unless the long side would exceed
   ``max_size``; sizes rounded with ``int(x + 0.5)``; PIL BILINEAR on uint8
-  (``ResizeTransform.apply_image``);
+  (``detectron2/data/transforms/augmentation_impl.py: ResizeShortestEdge``,
+  ``transform.py: ResizeTransform.apply_image``);
 * boxes in original pixels are scaled by (new_w / w, new_h / h) in float64 and clipped to the
-  resized image (``transform_instance_annotations``), then cast to float32.
+  resized image (``detection_utils.py: transform_instance_annotations``), then cast to float32.
 
 Example: 1920x1080 -> 1333x750 (W x H).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from rclip_core.errors import InputError
 
@@ -29,30 +37,70 @@ TRAIN_SHORT_SIDES = (640, 672, 704, 736, 768, 800)
 # Refuse decompression bombs with a clear message rather than PIL's warning/exception text.
 MAX_PIXELS = 178_956_970
 
+_EXIF_ORIENTATION = 0x0112
+# detectron2/data/detection_utils.py: _apply_exif_orientation (PIL's ImageOps.exif_transpose table)
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as an RGB PIL image with EXIF orientation applied.
 
-    Raises InputError (one line) for missing, unreadable, truncated or non-image files.
+def apply_exif_orientation(im: Image.Image) -> Image.Image:
+    """Rotate/flip ``im`` as its EXIF orientation tag says; any other image is returned as is.
+
+    The pixels are those of ``ImageOps.exif_transpose``, but nothing else of the EXIF block is
+    parsed or re-written, so a broken block (a tag PIL cannot read or serialise) never loses
+    the image: an unreadable orientation is no orientation
+    (``detectron2/data/detection_utils.py: _apply_exif_orientation``).
     """
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise InputError(f"image not found: {p}")
-    if os.path.isdir(p):
-        raise InputError(f"{p} is a directory, expected an image file")
     try:
-        with Image.open(p) as im:
+        method = _ORIENTATION_TRANSPOSE.get(im.getexif().get(_EXIF_ORIENTATION))
+    except Exception:  # noqa: BLE001 - any broken EXIF block means "no orientation"
+        return im
+    return im.transpose(method) if method is not None else im
+
+
+def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode an image file (path) or encoded bytes to an RGB PIL image, EXIF orientation applied.
+
+    ``name`` names ``bytes`` input in messages (default ``<bytes>``). Raises InputError (one
+    line) for missing, unreadable, truncated, oversized or non-image input.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        fp: Any = io.BytesIO(source)
+        p = name or "<bytes>"
+    else:
+        p = os.fspath(source)
+        if not os.path.exists(p):
+            raise InputError(f"image not found: {p}")
+        if os.path.isdir(p):
+            raise InputError(f"{p} is a directory, expected an image file")
+        fp = p
+    try:
+        with Image.open(fp) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise InputError(f"image {p} is too large ({im.width}x{im.height} pixels)")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+            im.load()  # decode now, so truncated files fail here and not in a transform
+            return apply_exif_orientation(im).convert("RGB")
     except InputError:
         raise
+    except FileNotFoundError:  # removed between the check and the read
+        raise InputError(f"image not found: {p}") from None
     except UnidentifiedImageError:
         raise InputError(f"cannot read image {p}: not an image file or an unsupported format") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {p}: corrupt or truncated ({' '.join(str(e).split())})") from None
+
+
+def xywh_to_xyxy(boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` boxes -> ``[x0, y0, x1, y1]``: ``[N, 4]`` float64 (``[0, 4]`` for none)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
 
 
 def resized_shape(h: int, w: int, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE) -> tuple[int, int]:
@@ -99,6 +147,7 @@ def resize_image(img: Image.Image, short: int = TEST_SHORT_SIDE, max_size: int =
 
 
 def load_image(path: str | os.PathLike, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE) -> PreparedImage:
+    """:func:`read_image` then :func:`resize_image` (the test-time input of the network)."""
     return resize_image(read_image(path), short, max_size)
 
 
