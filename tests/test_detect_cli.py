@@ -18,23 +18,19 @@ from safetensors.torch import load_file
 
 from rclip_cli.main import cli
 from rclip_core.errors import WeightsError
-from rclip_core.models.regionclip import load_model
+from rclip_core.weights.loaders import load_model
+from rclip_core.weights.native import save_detector, save_model
 
-W, H = 80, 60  # original image size; the model sees it resized to 1067x800 (spec 1.5)
+W, H = 80, 60  # original image size; the model sees it resized to 1067x800 (ResizeShortestEdge 800/1333)
 BOXES = [[5, 5, 40, 30], [10, 20, 70, 55], [0, 0, 80, 60], [60, 40, 100, 90]]  # the last is clipped
 BOXES_XYWH = [[5, 5, 35, 25], [10, 20, 60, 35], [0, 0, 80, 60], [60, 40, 20, 20]]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))  # the class-embedding cache
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("detect")
     torch.manual_seed(0)
-    load_model(model="test-micro", random_init=True).save(d / "micro.safetensors")
+    save_model(load_model(model="test-micro", random_init=True), d / "micro.safetensors")
     rng = np.random.default_rng(0)
     img = np.zeros((H, W, 3), dtype=np.uint8)
     img[: H // 2, : W // 2] = (180, 20, 20)
@@ -318,17 +314,20 @@ def test_offline_pretrained_fails_fast_with_weights_hint(assets, tmp_path, monke
 # ----------------------------------------------------------------------- fine-tuned detector files
 
 def _detector_file(tmp_path):
-    from rclip_core.models.detector import Detector, DetectorSettings
+    from rclip_core.models.classifier import InferenceConfig
+    from rclip_core.models.detector import Detector, DetectorConfig
+    from rclip_core.models.proposals.trainable import TrainableRPNConfig
 
     torch.manual_seed(0)
     model = load_model(model="test-micro", random_init=True)
     emb = torch.randn(3, model.embed_dim)
-    s = DetectorSettings(proposals="trained", anchor_sizes=(8.0, 16.0, 32.0), rois_per_image=16,
-                         rpn_pre_nms_topk_test=200, rpn_post_nms_topk_test=50, score_thresh=0.0)
+    config = DetectorConfig(proposals="trained", rois_per_image=16,
+                            rpn=TrainableRPNConfig(anchor_sizes=[8.0, 16.0, 32.0], pre_nms_topk_test=200,
+                                                   post_nms_topk_test=50))
     det = Detector(model, emb[:2], emb, class_names=["kite", "boy", "dog"], train_class_names=["kite", "boy"],
-                   settings=s)
+                   config=config, inference=InferenceConfig(score_thresh=0.0))
     path = tmp_path / "det.safetensors"
-    det.save(path)
+    save_detector(det, path)
     return path
 
 

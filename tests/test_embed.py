@@ -16,16 +16,12 @@ from PIL import Image
 
 from rclip_cli.main import cli
 from rclip_core.data.vocab import get_vocabulary
-from rclip_core.models.regionclip import load_class_embeddings, load_model
+from rclip_core.weights.loaders import load_class_embeddings, load_model
 from rclip_core.models.text import class_embeddings, get_tokenizer
 from rclip_core.weights.io import read_weights
+from rclip_core.weights.native import save_model
 
 NAMES = ["kite", "boy", "surfboard"]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +29,8 @@ def assets(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("embed")
     torch.manual_seed(0)
     model = load_model(model="test-micro", random_init=True)
-    model.save(d / "micro.safetensors")
-    model.save(d / "micro_visual.safetensors", include_text=False)
+    save_model(model, d / "micro.safetensors")
+    save_model(model, d / "micro_visual.safetensors", include_text=False)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(d / "a.png")
     (d / "boxes.json").write_text(json.dumps({"a.png": [[5, 5, 40, 30], [10, 20, 70, 55]]}))

@@ -1,4 +1,4 @@
-"""``rclip eval`` (rclip_core.evaluation.zeroshot): zero-shot GT-box and RPN evaluation on a
+"""``rclip eval`` (rclip_core.evaluation.protocol, .zeroshot, .results): zero-shot GT-box and RPN evaluation on a
 tiny COCO-format fixture, a tiny ShapesWorld and COCO-OVD / LVIS-shaped files; metrics that
 are exactly 100 when classification is made perfect; the three AP backends agreeing; batching
 and worker processes not changing results; missing images counted; every bad input a one-line
@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rclip_cli.main import cli
-from rclip_core.data.transforms import load_image
+from rclip_core.data.images import load_image
 from rclip_core.evaluation.metrics import evaluate_detections, summary_metrics
-from rclip_core.models.regionclip import load_model
-from rclip_core.pipeline import DetectOptions, ZeroShotPipeline
+from rclip_core.inference import DetectOptions, ZeroShotPipeline, detect_images
+from rclip_core.weights.loaders import load_model
+from rclip_core.weights.native import save_detector, save_model
 
 W, H = 64, 48
 SHORT = "96"  # test-time resize (the protocol's 800 is not needed to exercise the path)
@@ -32,11 +33,6 @@ GT = [(10, 1, [2, 2, 20, 16]), (10, 3, [34, 20, 26, 24]), (11, 7, [5, 5, 30, 30]
       (12, 1, [36, 10, 24, 30]), (13, 7, [10, 8, 20, 20]), (13, 3, [36, 24, 20, 20])]
 CROWD = (11, 1, [40, 0, 20, 20])
 IMAGE_IDS = (10, 11, 12, 13, 14)  # 14 has no annotations
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 def _write_images(folder: Path, ids=IMAGE_IDS, seed: int = 0) -> None:
@@ -69,7 +65,7 @@ def _instances(lvis: bool = False) -> dict:
 def assets(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    load_model(model="test-micro", random_init=True).save(d / "micro.safetensors")
+    save_model(load_model(model="test-micro", random_init=True), d / "micro.safetensors")
     _write_images(d / "images")
     (d / "gt.json").write_text(json.dumps(_instances()))
     (d / "lvis_gt.json").write_text(json.dumps(_instances(lvis=True)))
@@ -308,7 +304,7 @@ def test_shapes_world_gt_boxes(assets, tmp_path):
 def rpn_file(tmp_path_factory) -> Path:
     """A random LVIS-866 FPN RPN with zero box deltas (proposals = clipped anchors, inside the
     image; see tests/test_proposals.py)."""
-    from rclip_core.models.proposals import build_offline_rpn
+    from rclip_core.models.proposals.offline import build_offline_rpn
 
     torch.manual_seed(1)
     rpn = build_offline_rpn("lvis_866_fpn")
@@ -361,13 +357,14 @@ def test_rpn_boxes(assets, rpn_file, tmp_path):
 def test_detector_evaluation_matches_its_own_detections(assets, tmp_path):
     """``--detector``: the metrics are exactly those of ``Detector.detect`` on the images, with
     class index k mapped to the dataset's k-th category id (1, 3, 7)."""
-    from rclip_core.models.detector import Detector, DetectorSettings, load_detector
+    from rclip_core.models.detector import Detector, DetectorConfig
+    from rclip_core.weights.loaders import load_detector
 
     torch.manual_seed(0)
     emb = torch.randn(3, 32)
     det = Detector(load_model(weights=assets["weights"]), emb[:2], emb, class_names=["cat", "dog", "kite"],
-                   train_class_names=["cat", "dog"], settings=DetectorSettings(proposals="trained"))
-    det.save(tmp_path / "det.safetensors")
+                   train_class_names=["cat", "dog"], config=DetectorConfig(proposals="trained"))
+    save_detector(det, tmp_path / "det.safetensors")
     out, preds = tmp_path / "r.json", tmp_path / "p.json"
     r = run_eval("--detector", "--dataset", assets["gt"], "--images", assets["images"], "--weights",
                  tmp_path / "det.safetensors", "--short-side", SHORT, "--workers", "0", "--json", out,
@@ -382,7 +379,7 @@ def test_detector_evaluation_matches_its_own_detections(assets, tmp_path):
     cat_ids = [1, 3, 7]
     expected = []
     for image_id in IMAGE_IDS:
-        (d,) = loaded.detect([load_image(assets["images"] / f"{image_id:012d}.png", int(SHORT))])
+        (d,) = detect_images(loaded, [load_image(assets["images"] / f"{image_id:012d}.png", int(SHORT))])
         for b, s, c in zip(d.boxes.tolist(), d.scores.tolist(), d.classes.tolist()):
             xywh = [b[0], b[1], b[2] - b[0], b[3] - b[1]]
             expected.append({"image_id": image_id, "category_id": cat_ids[c], "score": round(s, 8),
@@ -433,11 +430,15 @@ def coco_root(tmp_path_factory) -> Path:
 
 def test_coco_ovd_and_coco(assets, coco_root, tmp_path):
     out = tmp_path / "ovd.json"
-    r = run_eval("--zero-shot", "--dataset", "coco-ovd", "--images", coco_root / "val2017", "--weights",
-                 assets["weights"], "--templates", "single", "--short-side", SHORT, "--workers", "0",
-                 "--json", out)
-    assert r.exit_code == 0, r.output
-    rep = json.loads(out.read_text())
+
+    def report(dataset: str) -> dict:
+        r = run_eval("--zero-shot", "--dataset", dataset, "--images", coco_root / "val2017", "--weights",
+                     assets["weights"], "--templates", "single", "--short-side", SHORT, "--workers", "0",
+                     "--json", out)
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())
+
+    rep = report("coco-ovd")
     # the traffic-light image has none of the 65 classes and is dropped, as in the OVD split json
     assert rep["dataset"]["num_images"] == 2 and rep["dataset"]["num_classes"] == 65
     assert rep["dataset"]["annotations"] == str(coco_root / "annotations" / "instances_val2017.json")
@@ -446,11 +447,7 @@ def test_coco_ovd_and_coco(assets, coco_root, tmp_path):
     assert (counts["novel"]["boxes"], counts["base"]["boxes"], counts["all"]["boxes"]) == (2, 2, 4)
     assert {"AP50_novel", "AP50_base", "AP50_all"} <= set(rep["metrics"])
 
-    r = run_eval("--zero-shot", "--dataset", "coco", "--images", coco_root / "val2017", "--weights",
-                 assets["weights"], "--templates", "single", "--short-side", SHORT, "--workers", "0",
-                 "--json", out)
-    assert r.exit_code == 0, r.output
-    rep = json.loads(out.read_text())
+    rep = report("coco")
     assert rep["dataset"]["num_images"] == 3 and rep["dataset"]["num_classes"] == 80
     assert rep["split"] is None and "AP50_novel" not in rep["metrics"]
     assert rep["region_accuracy_counts"]["all"]["boxes"] == 5
@@ -544,3 +541,209 @@ def test_bad_input_is_one_line_and_writes_nothing(assets, tmp_path, case):
     assert "Traceback" not in r.output
     after = sorted(p for p in tmp_path.rglob("*") if "rclip-cache" not in p.parts)
     assert after == before and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One protocol (zero-shot, detector, fine-tuning), one COCO-results writer
+# --------------------------------------------------------------------------------------------
+
+
+def _detector_file(assets, path: Path) -> Path:
+    from rclip_core.models.detector import Detector, DetectorConfig
+
+    torch.manual_seed(0)
+    emb = torch.randn(3, 32)
+    det = Detector(load_model(weights=assets["weights"]), emb[:2], emb, class_names=["cat", "dog", "kite"],
+                   train_class_names=["cat", "dog"], config=DetectorConfig(proposals="trained"))
+    save_detector(det, path)
+    return path
+
+
+def test_zero_shot_detector_and_finetune_evaluations_share_one_loop_and_policy(assets, tmp_path, monkeypatch):
+    """``--zero-shot``, ``--detector`` and fine-tuning's evaluate_detector run the one loop
+    (protocol.evaluate), and count a missing and an unreadable image the same way: left out
+    of the metrics, reported."""
+    from rclip_core.data.coco import load_instances
+    from rclip_core.evaluation import protocol
+    from rclip_core.weights.loaders import load_detector
+
+    calls = []
+    real = protocol.evaluate
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(protocol, "evaluate", spy)
+    images = tmp_path / "images"
+    shutil.copytree(assets["images"], images)
+    (images / "000000000013.png").unlink()  # missing on disk
+    (images / "000000000014.png").write_bytes(b"not a png")  # unreadable
+    det = _detector_file(assets, tmp_path / "det.safetensors")
+    seen = {}
+    for mode, weights in (("--zero-shot", assets["weights"]), ("--detector", det)):
+        out = tmp_path / f"{mode[2:]}.json"
+        r = run_eval(mode, "--dataset", assets["gt"], "--images", images, "--weights", weights, "--short-side",
+                     SHORT, "--workers", "0", "--json", out)
+        assert r.exit_code == 0, r.output
+        assert "metrics cover 3/5 images (1 missing on disk, 1 failed)" in r.stdout, mode
+        cov = json.loads(out.read_text())["coverage"]
+        seen[mode] = (cov["images_evaluated"], cov["images_total"], cov["images_missing"], cov["images_failed"],
+                      cov["missing_examples"], [Path(f["file"]).name for f in cov["failed_examples"]])
+    assert seen["--zero-shot"] == seen["--detector"] == (3, 5, 1, 1, ["000000000013.png"], ["000000000014.png"])
+
+    metrics = protocol.evaluate_detector(load_detector(det), load_instances(assets["gt"]), images,
+                                         category_ids=[1, 3, 7], short_side=int(SHORT))
+    assert (metrics["images_missing"], metrics["images_failed"]) == (1.0, 1.0)
+    assert len(calls) == 3
+    assert [c.image_ids for c in calls] == [[10, 11, 12]] * 3
+    assert [(c.missing, [Path(f).name for f, _ in c.failed]) for c in calls] == \
+        [(["000000000013.png"], ["000000000014.png"])] * 3
+
+
+def test_finetune_evaluation_scores_what_the_detector_detects(assets, tmp_path):
+    """evaluate_detector = detect_images on every image, class k -> category_ids[k], scored as
+    computed; the results file holds the same rows, rounded as every results file."""
+    from rclip_core.data.coco import load_instances
+    from rclip_core.evaluation.protocol import evaluate_detector
+    from rclip_core.weights.loaders import load_detector
+
+    det = load_detector(_detector_file(assets, tmp_path / "det.safetensors"))
+    rows = []
+    for image_id in IMAGE_IDS:
+        (d,) = detect_images(det, [load_image(assets["images"] / f"{image_id:012d}.png", int(SHORT))])
+        for (x1, y1, x2, y2), s, c in zip(d.boxes.double().numpy(), d.scores.tolist(), d.classes.tolist()):
+            rows.append([image_id, x1, y1, x2 - x1, y2 - y1, s, [1, 3, 7][c]])
+    splits = {"novel": {7}, "base": {1, 3}}
+    want = evaluate_detections(assets["gt"], np.array(rows).reshape(-1, 7), splits=splits)
+    det.train()
+    got = evaluate_detector(det, load_instances(assets["gt"]), assets["images"], category_ids=[1, 3, 7],
+                            splits=splits, short_side=int(SHORT), results_path=tmp_path / "d.json")
+    assert det.training  # the mode is restored
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == v or (np.isnan(v) and np.isnan(got[k])), k
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert len(saved) == len(rows) > 0
+    assert saved[0] == {"image_id": rows[0][0], "category_id": rows[0][6],
+                        "bbox": [round(v, 3) for v in rows[0][1:5]], "score": round(rows[0][5], 8)}
+
+
+def test_the_three_results_files_come_from_one_writer(assets, tmp_path, monkeypatch):
+    """``rclip eval --save-predictions``, fine-tuning's ``eval/detections_<step>.json`` and
+    ``rclip detect``'s ``predictions.json``: one writer, one layout (a compact detection per
+    line), one rounding (boxes 3 decimals, scores 8)."""
+    from rclip_core.data.coco import load_instances
+    from rclip_core.evaluation import results
+    from rclip_core.evaluation.protocol import evaluate_detector
+    from rclip_core.weights.loaders import load_detector
+
+    written = []
+    real = results.write_results
+
+    def spy(path, dets, *args, **kwargs):
+        written.append(Path(path))
+        return real(path, dets, *args, **kwargs)
+
+    monkeypatch.setattr(results, "write_results", spy)
+    r = run_eval(*base_args(assets, "--save-predictions", tmp_path / "eval.json"))
+    assert r.exit_code == 0, r.output
+    det = load_detector(_detector_file(assets, tmp_path / "det.safetensors"))
+    evaluate_detector(det, load_instances(assets["gt"]), assets["images"], category_ids=[1, 3, 7],
+                      short_side=int(SHORT), results_path=tmp_path / "eval" / "detections_00000005.json")
+    r = CliRunner().invoke(cli, ["detect", str(assets["images"] / "000000000010.png"), "--classes", "cat,dog",
+                                 "--weights", str(assets["weights"]), "--proposals", "grid", "--score-thresh", "0",
+                                 "--short-side", SHORT, "--no-images", "--out", str(tmp_path / "detect"),
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "eval.json", "eval/detections_00000005.json", "detect/predictions.json"]
+    for p in written:
+        lines = p.read_text().splitlines()
+        assert lines[0] == "[" and lines[-1] == "]" and len(lines) > 2, p
+        for ln in lines[1:-1]:
+            d = json.loads(ln.rstrip(","))
+            assert list(d) == ["image_id", "category_id", "bbox", "score"], p
+            assert all(round(v, 3) == v for v in d["bbox"]) and round(d["score"], 8) == d["score"], p
+
+
+_SHARDED = '''
+import json, os, sys
+from pathlib import Path
+
+import torch
+
+from rclip_core.data.coco import load_instances, resolve_images
+from rclip_core.evaluation.protocol import ImageOutput, evaluate
+
+if "RANK" in os.environ:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+rank = int(os.environ.get("RANK", 0))
+gt = load_instances(sys.argv[1])
+present, missing = resolve_images(gt, sys.argv[2])
+
+
+def predict(items):  # deterministic, no model: two boxes per image scored from its pixels
+    outs = []
+    for prep, path, given in items:
+        h, w = prep.orig_size
+        s = float(prep.tensor.float().mean()) / 255.0
+        outs.append(ImageOutput(torch.tensor([[2.0, 2.0, w / 2, h / 2], [w / 3, h / 3, w - 1.0, h - 1.0]]),
+                                torch.tensor([s, 1.0 - s]), torch.tensor([0, int(10 * s) % 3])))
+    return outs
+
+
+seen = []
+r = evaluate(gt, present, predict, category_ids=[1, 3, 7], missing=[m["file_name"] for m in missing],
+             short_side=96, progress=seen.append)
+Path(sys.argv[3], f"rank{rank}.json").write_text(json.dumps({
+    "world": int(os.environ.get("WORLD_SIZE", 1)), "metrics": r.metrics, "image_ids": r.image_ids, "failed": sorted(Path(f).name for f, _ in r.failed),
+    "missing": r.missing, "rows": sorted(r.detections.tolist()), "progress": seen}))
+'''
+
+
+def test_sharded_over_processes_equals_one_process(assets, tmp_path):
+    """Under torchrun each process evaluates images[rank::world]; rows, coverage and metrics are
+    gathered, so every process returns what one process alone computes."""
+    import os
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    shutil.copytree(assets["images"], images)
+    (images / "000000000013.png").unlink()
+    (images / "000000000011.png").write_bytes(b"not a png")
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    args = [str(script), str(assets["gt"]), str(images)]
+    subprocess.run([sys.executable, *args, str(one)], check=True, env=env, timeout=300)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *args, str(two)], check=True, env=env,
+                   timeout=300, capture_output=True)
+    ref = json.loads((one / "rank0.json").read_text())
+    assert ref["image_ids"] == [10, 12, 14] and ref["failed"] == ["000000000011.png"]
+    assert ref["missing"] == ["000000000013.png"] and len(ref["rows"]) == 6
+    for rank in (0, 1):
+        got = json.loads((two / f"rank{rank}.json").read_text())
+        assert got["world"] == 2
+        for key in ("metrics", "image_ids", "failed", "missing", "rows"):
+            assert got[key] == ref[key], (rank, key)
+    assert json.loads((two / "rank1.json").read_text())["progress"] == []  # progress is reported on rank 0
+
+
+def test_detector_test_time_overrides(assets, tmp_path):
+    det = _detector_file(assets, tmp_path / "det.safetensors")
+    out = tmp_path / "r.json"
+    r = run_eval("--detector", "--dataset", assets["gt"], "--images", assets["images"], "--weights", det,
+                 "--short-side", SHORT, "--workers", "0", "--nms", "0.4", "--soft-nms", "--score-thresh", "0.01",
+                 "--max-dets", "50", "--max-images", "2", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "soft-NMS 0.4" in r.stdout and "score > 0.01" in r.stdout
+    s = json.loads(out.read_text())["settings"]
+    assert (s["nms_thresh"], s["soft_nms"], s["score_thresh"], s["max_dets"]) == (0.4, True, 0.01, 50)

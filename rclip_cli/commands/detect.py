@@ -21,7 +21,7 @@ from rclip_cli._model_options import model_options, resolve_model, resolve_vocab
               help="Where boxes come from without --boxes: the offline RPN (from --weights or --rpn-weights), "
                    "random boxes, or a sliding-window grid.")
 @click.option("--score-thresh", type=float, default=0.05, show_default=True, help="Keep (box, class) pairs scoring above this.")
-@click.option("--nms", "nms_thresh", type=float, default=0.5, show_default=True, help="Per-class NMS IoU threshold.")
+@click.option("--nms", "nms", type=float, default=0.5, show_default=True, help="Per-class NMS IoU threshold.")
 @click.option("--max-dets", type=int, default=100, show_default=True, help="Detections kept per image.")
 @click.option("--fusion", type=click.Choice(["official", "sigmoid", "none"]), default="official", show_default=True,
               help="RPN score fusion: official = sqrt(prob x raw logit) as the released code; sigmoid = the paper's "
@@ -40,7 +40,7 @@ from rclip_cli._model_options import model_options, resolve_model, resolve_vocab
 @click.option("--max-size", type=click.IntRange(min=16), default=1333, show_default=True,
               help="Longest image side at most this after resizing.")
 @device_option
-def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fusion, topk_labels, out_dir,
+def detect(images, boxes_file, proposals, score_thresh, nms, max_dets, fusion, topk_labels, out_dir,
            batch_size, save_embeddings, precision, no_images, short_side, max_size, device, debug, **kw):
     """Detect or recognise any classes in IMAGES (files, folders or glob patterns).
 
@@ -60,24 +60,22 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
     from rclip_core.device import resolve_device
     from rclip_core.errors import InputError
     from rclip_core.fileio import ensure_output_dir, first_missing_dir, remove_empty_dirs
-    from rclip_core.pipeline import DetectOptions, collect_images
+    from rclip_core.inference import DetectOptions, collect_images
+    from rclip_core.weights.loaders import is_detector_file
 
     if batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     paths = collect_images(images)
     given = None
     if boxes_file:
-        from rclip_core.models.proposals import load_boxes_file
+        from rclip_core.data.boxes import load_boxes_file
 
         given = load_boxes_file(boxes_file)
     opts = DetectOptions(proposals="boxes" if given is not None else ("rpn" if proposals == "auto" else proposals),
-                         score_thresh=score_thresh, nms_thresh=nms_thresh, max_dets=max_dets, fusion=fusion,
+                         score_thresh=score_thresh, nms=nms, max_dets=max_dets, fusion=fusion,
                          topk_labels=topk_labels, precision=precision, short_side=short_side,
                          max_size=max(max_size, short_side))
-    opts.validate()
     dev = resolve_device(device)
-    from rclip_core.models.detector import is_detector_file
-
     detector = bool(kw.get("weights")) and is_detector_file(kw["weights"])
     if detector and (given is not None or save_embeddings or proposals != "auto" or kw.get("rpn_weights")
                      or kw.get("random_init")):
@@ -97,7 +95,7 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
         if opts.proposals == "rpn" and model.rpn is None and proposals == "auto":
             raise InputError("no boxes to classify: these weights carry no offline RPN",
                              "pass --boxes FILE, --rpn-weights rpn_lvis_866.pth, or --proposals random|grid")
-        from rclip_core.pipeline import ZeroShotPipeline
+        from rclip_core.inference import ZeroShotPipeline
 
         pipe = ZeroShotPipeline(model, class_emb, opts)
         run_detection(pipe.run, vocab, opts, paths, given, out, save_embeddings, not no_images, batch_size,
@@ -109,19 +107,18 @@ def detect(images, boxes_file, proposals, score_thresh, nms_thresh, max_dets, fu
 
 def _detector_runner(kw, dev, precision):
     """Load a fine-tuned detector file; returns (vocabulary, runner(prep, path, boxes) -> result)."""
-    import torch
     from click.core import ParameterSource
 
     from rclip_core.data.vocab import Vocabulary
-    from rclip_core.models.detector import load_detector
-    from rclip_core.pipeline import ImageResult, autocast_context
+    from rclip_core.inference import detector_runner
+    from rclip_core.weights.loaders import load_detector
 
     ctx = click.get_current_context()
-    explicit = {name: ctx.params[name] for name in ("score_thresh", "nms_thresh", "max_dets", "fusion")
+    explicit = {name: ctx.params[name] for name in ("score_thresh", "nms", "max_dets", "fusion")
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     det = load_detector(kw["weights"], dev)
     if explicit:
-        det.update_settings(**explicit)
+        det.update_inference(**explicit)
     if any(kw.get(k) for k in ("classes", "classes_file", "vocabulary", "class_embeddings")):
         vocab, emb = resolve_vocabulary_and_embeddings(det.regionclip, kw)
         det.set_vocabulary(list(vocab.names), emb)
@@ -129,72 +126,48 @@ def _detector_runner(kw, dev, precision):
         names = tuple(det.class_names or ())
         vocab = Vocabulary(name="detector", names=names, display_names=names,
                            category_ids=tuple(range(1, len(names) + 1)))
-
-    def runner(prep, path, boxes):
-        with torch.inference_mode(), autocast_context(torch.device(dev), precision):
-            d = det.detect([prep])[0]
-        return ImageResult(path=path, orig_size=prep.orig_size, boxes=d.boxes, embeddings=torch.zeros(0), detections=d)
-
-    return vocab, runner
+    return vocab, detector_runner(det, precision)
 
 
 def run_detection(runner, vocab, opts, paths, given, out: Path, save_embeddings: bool, draw: bool,
                   batch_size: int, model_info: tuple[str, str] = ("", "")) -> None:
-    """``runner(prepared_image, path, boxes_or_None) -> ImageResult`` per image, then the outputs.
-    Failures of single images are collected and listed at the end (exit 2)."""
+    """:func:`rclip_core.inference.detect_files` with ``runner(prepared_image, path, boxes_or_None)
+    -> ImageResult``, then the outputs. Failures of single images are collected and listed at
+    the end (exit 2)."""
     import numpy as np
     from rich.markup import escape
     from rich.table import Table
 
-    from rclip_core.errors import InputError, RclipError
+    from rclip_core.errors import InputError
+    from rclip_core.evaluation.results import detections_to_rows, write_results
     from rclip_core.fileio import atomic_write_json
-    from rclip_core.pipeline import prefetch_images
+    from rclip_core.inference import detect_files
 
-    # Validate the given boxes of every image before any work (one line per problem).
-    if given is not None:
-        from rclip_core.models.proposals import lookup_boxes
-
-        for p in paths:
-            lookup_boxes(given, p)
     stems = _unique_stems(paths)
     predictions, images_meta, failures, rows = [], [], [], []
-    written: list[Path] = []
+    cat_ids = np.asarray(vocab.category_ids, dtype=np.int64)
     with progress_bar("detect", total=len(paths), unit="img") as advance:
-        for image_id, (path, prep, err) in enumerate(prefetch_images(paths, opts.short_side, opts.max_size,
-                                                                     workers=max(1, batch_size)), start=1):
+        results = detect_files(runner, paths, boxes=given, short_side=opts.short_side, max_size=opts.max_size,
+                               workers=max(1, batch_size))
+        for image_id, (path, res, err) in enumerate(results, start=1):
             if err is not None:
-                failures.append((path, str(err)))
-                advance(1)
-                continue
-            try:
-                boxes = None
-                if given is not None:
-                    from rclip_core.models.proposals import lookup_boxes, validate_boxes
-
-                    boxes = validate_boxes(np.asarray(lookup_boxes(given, path), dtype=np.float64),
-                                           prep.orig_size[1], prep.orig_size[0], os.path.basename(path))
-                res = runner(prep, path, boxes)
-            except RclipError as e:
-                failures.append((path, str(e)))
+                failures.append((path, err))
                 advance(1)
                 continue
             stem = stems[path]
             h, w = res.orig_size
             images_meta.append({"id": image_id, "file_name": os.path.abspath(path), "width": w, "height": h})
             d = res.detections
-            for b, s, c in zip(d.boxes.tolist(), d.scores.tolist(), d.classes.tolist()):
-                predictions.append({"image_id": image_id, "category_id": int(vocab.category_ids[c]),
-                                    "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
-                                    "score": round(float(s), 5)})
+            predictions.append(detections_to_rows(image_id, d.boxes, d.scores, cat_ids[d.classes.numpy()]))
             if draw:
-                written.append(_draw(path, res, vocab, out / f"{stem}.jpg"))
+                _draw(path, res, vocab, out / f"{stem}.jpg")
             if save_embeddings:
                 from rclip_core.weights.io import save_safetensors
 
-                written.append(save_safetensors(out / "embeddings" / f"{stem}.safetensors",
-                                                {"boxes": res.boxes.float(), "embeddings": res.embeddings.float()},
-                                                {"kind": "region_embeddings", "image": os.path.abspath(path),
-                                                 "model": model_info[0], "architecture": model_info[1]}))
+                save_safetensors(out / "embeddings" / f"{stem}.safetensors",
+                                 {"boxes": res.boxes.float(), "embeddings": res.embeddings.float()},
+                                 {"kind": "region_embeddings", "image": os.path.abspath(path),
+                                  "model": model_info[0], "architecture": model_info[1]})
             top = ", ".join(f"{vocab.display_names[c]} {s:.2f}" for c, s in
                             list(zip(d.classes.tolist(), d.scores.tolist()))[:3])
             rows.append((os.path.basename(path), f"{w}x{h}", str(int(res.boxes.shape[0])), str(len(d)), top))
@@ -206,8 +179,9 @@ def run_detection(runner, vocab, opts, paths, given, out: Path, save_embeddings:
                   for cid, n, dn in zip(vocab.category_ids, vocab.names, vocab.display_names)]
     atomic_write_json(out / "categories.json", categories, indent=1)
     atomic_write_json(out / "images.json", images_meta, indent=1)
-    atomic_write_json(out / "predictions.json", predictions)
-    table = Table(title=f"rclip detect: {len(images_meta)} image(s), {len(predictions)} detections", show_lines=False)
+    dets = np.concatenate(predictions) if predictions else np.zeros((0, 7))
+    write_results(out / "predictions.json", dets)
+    table = Table(title=f"rclip detect: {len(images_meta)} image(s), {len(dets)} detections", show_lines=False)
     for col in ("image", "size", "regions", "detections", "top labels"):
         table.add_column(col)
     for r in rows[:50]:
@@ -215,7 +189,7 @@ def run_detection(runner, vocab, opts, paths, given, out: Path, save_embeddings:
     console.print(table)
     if len(rows) > 50:
         console.print(f"... and {len(rows) - 50} more images")
-    console.print(f"wrote {out / 'predictions.json'} ({len(predictions)} detections), categories.json, images.json"
+    console.print(f"wrote {out / 'predictions.json'} ({len(dets)} detections), categories.json, images.json"
                   + (f", {len(images_meta)} annotated images" if draw else "")
                   + (", embeddings/" if save_embeddings else ""))
     if failures:
@@ -237,7 +211,7 @@ def _unique_stems(paths: list[str]) -> dict[str, str]:
 
 
 def _draw(path, res, vocab, dest: Path) -> Path:
-    from rclip_core.data.transforms import read_image
+    from rclip_core.data.images import read_image
     from rclip_core.fileio import atomic_write
     from rclip_core.viz import draw_detections
 

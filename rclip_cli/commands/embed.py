@@ -1,5 +1,6 @@
 """``rclip embed``: class / concept names -> prompt-ensemble text embeddings, written as an rclip
-safetensors file (names inside) or as the official float32 [N, D] ``.pth`` (spec 2.4)."""
+safetensors file (names inside) or as the official float32 [N, D] ``.pth`` (the ``*_cls_emb.pth`` files
+of ``tools/extract_concept_features.py``)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def _check_out_file(out: str) -> Path:
 @device_option
 def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_init, templates, average, out, fmt,
           squeeze, batch_size, no_cache, device, debug):
-    """Embed class or concept names with a CLIP text tower and a prompt ensemble (spec 2.4).
+    """Embed class or concept names with a CLIP text tower and a prompt ensemble.
 
     NAMES_OR_POOL is a class list / concept pool file (one name per line; `noun,count` pools
     such as coco_nouns_4764.txt work as they are) or a comma-separated list. Each name fills
@@ -115,7 +116,7 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
 
     from rclip_core.device import resolve_device
     from rclip_core.errors import InputError
-    from rclip_core.models.text import EmbeddingCache, class_embeddings, get_tokenizer, load_templates
+    from rclip_core.models.text import embed_class_names, load_templates
 
     vocab = resolve_names(names_or_pool, vocabulary)
     form = output_format(out, fmt)
@@ -134,12 +135,9 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
         raise InputError(f"{weights or model_name} has no text encoder, so names cannot be embedded",
                          "use CLIP weights with a text tower (e.g. --model RN50-quickgelu, or the teacher "
                          "*_OAI_CLIP.pth)")
-    cache = None if (no_cache or model.info.source_format == "random") else EmbeddingCache()
     names = list(vocab.names)
     with progress_bar("embedding", total=len(names), unit="names") as advance:
-        emb = class_embeddings(model.clip, get_tokenizer(model.arch.context_length), names, templates=tmpl,
-                               average=average, batch_size=batch_size, progress=advance, cache=cache,
-                               model_id=model.identity() if cache else None)
+        emb = embed_class_names(model, names, tmpl, average, advance, use_cache=not no_cache, batch_size=batch_size)
     if form == "official":
         from rclip_core.weights.io import save_official_embeddings
 

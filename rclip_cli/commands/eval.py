@@ -66,11 +66,11 @@ _ORDER = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "A
 @click.option("--average", type=click.Choice(["raw", "normalized"]), default="raw", show_default=True,
               help="Template averaging (raw = the official released files).")
 @click.option("--boxes", type=click.Choice(["gt", "rpn"]), default=None,
-              help="Zero-shot regions [gt]: gt = ground-truth boxes, crowd excluded (spec 5.2); rpn = "
-                   "offline RPN proposals (spec 5.1).")
+              help="Zero-shot regions [gt]: gt = ground-truth boxes, crowd excluded (official GT "
+                   "mode); rpn = offline RPN proposals (the official zero-shot configs).")
 @click.option("--score-thresh", type=float, default=None,
               help="Keep (box, class) pairs scoring above this [COCO 0.001; LVIS 0.02 RPN / 0.0001 GT].")
-@click.option("--nms", "nms_thresh", type=float, default=None, help="Per-class NMS IoU threshold [0.5].")
+@click.option("--nms", "nms", type=float, default=None, help="Per-class NMS IoU threshold [0.5].")
 @click.option("--max-dets", type=int, default=None, help="Detections kept per image [COCO 100, LVIS 300].")
 @click.option("--fusion", type=click.Choice(["official", "sigmoid", "none"]), default=None,
               help="RPN score fusion [official = sqrt(prob x raw logit), as the released code; sigmoid = the "
@@ -103,13 +103,14 @@ _ORDER = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "A
                    "score).")
 @device_option
 def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, base_classes,
-             class_embeddings, templates, average, boxes, score_thresh, nms_thresh, max_dets, fusion,
+             class_embeddings, templates, average, boxes, score_thresh, nms, max_dets, fusion,
              topk_labels, soft_nms, rpn_nms, rpn_topk, short_side, max_size, precision, batch_size, workers,
              max_images, backend, json_path, save_predictions, device, debug, **kw):
     """Evaluate open-vocabulary detection on COCO, COCO OVD, LVIS, ShapesWorld or your COCO-format data.
 
-    Zero-shot settings follow the official configs (spec 5.1-5.2) for the data set and box
-    mode, detector settings the transfer-learning ones (spec 6.3); every one can be overridden.
+    Zero-shot settings follow the official configs (CLIP_fast_rcnn_R_50_C4_zsinf.yaml, Table 4)
+    for the data set and box mode, detector settings the transfer-learning ones
+    (test_transfer_learning.sh); every one can be overridden.
     Prints a table of metrics; --json writes them with the model, data set, split, settings and
     file hashes; --save-predictions writes the detections.
     Images missing on disk are counted, and the metrics state how many images they cover.
@@ -128,7 +129,8 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
     """
     from rclip_core.device import resolve_device
     from rclip_core.errors import InputError
-    from rclip_core.evaluation.zeroshot import resolve_dataset, run_evaluation
+    from rclip_core.data.datasets import resolve_dataset
+    from rclip_core.evaluation.protocol import run_evaluation
 
     if zero_shot == detector:
         raise InputError("choose what to evaluate: --zero-shot or --detector",
@@ -153,7 +155,7 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
                     raise InputError(f"{name} applies to --boxes rpn only (ground-truth boxes have no "
                                      "objectness)")
         if soft_nms is not None:
-            raise InputError("--soft-nms applies to --detector (zero-shot uses hard per-class NMS, spec 5.1)")
+            raise InputError("--soft-nms applies to --detector (zero-shot uses hard per-class NMS, as the official zero-shot configs)")
     outputs = [(o, p) for o, p in (("--json", json_path), ("--save-predictions", save_predictions)) if p]
     for opt, p in outputs:
         _check_output_file(p, opt)
@@ -168,7 +170,7 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
         raise InputError(f"the lvis backend evaluates LVIS only, and {data.name} is COCO-format",
                          hint="use --backend faster or --backend pycocotools")
     dev = resolve_device(device)
-    overrides = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "max_dets": max_dets,
+    overrides = {"score_thresh": score_thresh, "nms": nms, "max_dets": max_dets,
                  "fusion": fusion}
     common = {"backend": backend, "batch_size": batch_size, "workers": workers, "max_images": max_images,
               "class_embeddings": str(class_embeddings) if class_embeddings else
@@ -210,12 +212,12 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
             err_console.print(f"  ... and {len(result.failed) - 10} more")
 
     if save_predictions:
-        from rclip_core.evaluation.zeroshot import write_results_json
+        from rclip_core.evaluation.results import write_results
 
-        write_results_json(save_predictions, result.detections)
+        write_results(save_predictions, result.detections)
         console.print(f"wrote {save_predictions} ({len(result.detections)} detections, COCO results format)")
     if json_path:
-        from rclip_core.evaluation.zeroshot import make_report
+        from rclip_core.evaluation.results import make_report
         from rclip_core.fileio import atomic_write_json
 
         report = make_report(result, data, mode=mode, model=_model_info(model, kw), settings=settings,
@@ -226,9 +228,10 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
 
 def _zero_shot_setup(kw, data, dev, boxes, overrides, topk_labels, rpn_nms, rpn_topk, short_side, max_size,
                      precision, class_embeddings, templates, average):
-    """Model, class embeddings and pipeline for zero-shot evaluation (spec 5.1/5.2 defaults)."""
-    from rclip_core.evaluation.zeroshot import dataset_class_embeddings, default_options, zero_shot_predictor
-    from rclip_core.pipeline import ZeroShotPipeline
+    """Model, class embeddings and pipeline for zero-shot evaluation (the official zsinf defaults)."""
+    from rclip_core.evaluation.protocol import zero_shot_predictor
+    from rclip_core.evaluation.zeroshot import dataset_class_embeddings, default_options
+    from rclip_core.inference import ZeroShotPipeline
 
     opts = default_options(data.kind, boxes)
     for attr, value in overrides.items():
@@ -242,17 +245,17 @@ def _zero_shot_setup(kw, data, dev, boxes, overrides, topk_labels, rpn_nms, rpn_
         from dataclasses import replace
 
         s = model.rpn.settings
-        model.rpn.settings = replace(s, nms_thresh=rpn_nms if rpn_nms is not None else s.nms_thresh,
+        model.rpn.settings = replace(s, nms=rpn_nms if rpn_nms is not None else s.nms,
                                      post_nms_topk=rpn_topk if rpn_topk is not None else s.post_nms_topk)
     class_emb = dataset_class_embeddings(model, data.vocabulary, class_embeddings, templates, average)
     pipe = ZeroShotPipeline(model, class_emb, opts)
     rpn = None
     if boxes == "rpn":
         s = model.rpn.settings
-        rpn = {"kind": model.info.rpn_kind, "nms_thresh": s.nms_thresh, "post_nms_topk": s.post_nms_topk,
+        rpn = {"kind": model.info.rpn_kind, "nms_thresh": s.nms, "post_nms_topk": s.post_nms_topk,
                "pre_nms_topk": s.pre_nms_topk, "min_box_size": s.min_box_size}
     settings = {"boxes": boxes, "crowd_boxes": "excluded" if boxes == "gt" else None,
-                "score_thresh": opts.score_thresh, "nms_thresh": opts.nms_thresh, "max_dets": opts.max_dets,
+                "score_thresh": opts.score_thresh, "nms_thresh": opts.nms, "max_dets": opts.max_dets,
                 "fusion": opts.fusion if boxes == "rpn" else "none", "topk_labels": opts.topk_labels,
                 "rpn": rpn, "precision": opts.precision}
     return zero_shot_predictor(pipe), model, settings
@@ -276,35 +279,32 @@ def _check_detector_flags(kw, boxes, topk_labels, precision) -> None:
 def _detector_setup(kw, data, dev, overrides, soft_nms, rpn_nms, rpn_topk, class_embeddings, templates,
                     average):
     """A fine-tuned detector (rclip_core.models.detector) with the dataset's classes. Score
-    threshold and detections per image default to the benchmark's (spec 6.3: COCO 0.001 / 100,
-    LVIS 0.02 / 300); NMS, soft-NMS and RPN-score fusion to what the detector file stores."""
+    threshold and detections per image default to the benchmark's (the transfer configs: COCO
+    0.001 / 100, LVIS 0.02 / 300); NMS, soft-NMS and RPN-score fusion to what the detector file
+    stores."""
     from rclip_core.errors import InputError
-    from rclip_core.evaluation.zeroshot import (dataset_class_embeddings, detector_predictor,
-                                                same_class_names)
+    from rclip_core.data.vocab import same_class_names
+    from rclip_core.evaluation.protocol import detector_predictor
+    from rclip_core.evaluation.zeroshot import dataset_class_embeddings
 
-    try:
-        from rclip_core.models.detector import load_detector
-    except ImportError:
-        raise InputError("fine-tuned detector evaluation arrives with `rclip finetune`",
-                         hint="evaluate zero-shot for now: rclip eval --zero-shot --boxes gt|rpn ..."
-                         ) from None
+    from rclip_core.weights.loaders import load_detector
+
     lvis = data.kind == "lvis"
     changes = {"score_thresh": 0.02 if lvis else 0.001, "max_dets": 300 if lvis else 100}
     changes.update({k: v for k, v in overrides.items() if v is not None})
     if soft_nms is not None:
         changes["soft_nms"] = soft_nms
-    if rpn_nms is not None:
-        changes["offline_rpn_nms"] = rpn_nms
-    if rpn_topk is not None:
-        changes["offline_rpn_post_nms_topk"] = rpn_topk
-    det = load_detector(kw["weights"], device=dev, **changes)
+    det = load_detector(kw["weights"], device=dev)
+    det.update_inference(**changes)
     if kw.get("rpn_weights"):
-        from rclip_core.models.regionclip import load_rpn_file
+        from rclip_core.weights.loaders import load_rpn_file
 
         if det.proposal_generator is not None:
             raise InputError("--rpn-weights: this detector trained its own RPN")
         load_rpn_file(det.regionclip, kw["rpn_weights"])
-        det._configure_offline_rpn()  # the transfer settings (NMS 0.7, 1000 proposals, spec 6.1)
+        det.set_test_proposals()  # the transfer settings (NMS 0.7, 1000 proposals: CLIP_fast_rcnn_R_50_C4_ovd.yaml)
+    if rpn_nms is not None or rpn_topk is not None:
+        det.set_test_proposals(post_nms_topk=rpn_topk, nms=rpn_nms)
     if det.proposal_generator is None and det.regionclip.rpn is None:
         raise InputError("the detector has no proposal source: these weights carry no offline RPN",
                          hint="pass --rpn-weights (rpn_coco_48.pth for COCO, rpn_lvis_866_lsj.pth for LVIS)")
@@ -318,15 +318,15 @@ def _detector_setup(kw, data, dev, overrides, soft_nms, rpn_nms, rpn_topk, class
                                   "order")
         emb = dataset_class_embeddings(det.regionclip, vocab, class_embeddings, templates, average)
         det.set_vocabulary(list(vocab.names), emb)
-    s = det.settings
+    s = det.inference_config
     rpn = None
     if det.proposal_generator is None:
         r = det.regionclip.rpn.settings
-        rpn = {"kind": det.regionclip.info.rpn_kind, "nms_thresh": r.nms_thresh,
+        rpn = {"kind": det.regionclip.info.rpn_kind, "nms_thresh": r.nms,
                "post_nms_topk": r.post_nms_topk, "pre_nms_topk": r.pre_nms_topk,
                "min_box_size": r.min_box_size}
-    settings = {"boxes": "detector", "proposals": s.proposals, "score_thresh": s.score_thresh,
-                "nms_thresh": s.nms_thresh, "soft_nms": s.soft_nms, "max_dets": s.max_dets,
+    settings = {"boxes": "detector", "proposals": det.config.proposals, "score_thresh": s.score_thresh,
+                "nms_thresh": s.nms, "soft_nms": s.soft_nms, "max_dets": s.max_dets,
                 "fusion": s.fusion, "topk_labels": 0, "rpn": rpn, "precision": "fp32",
                 **({"class_embeddings": "the detector file's"} if (same and not class_embeddings) else {})}
     return detector_predictor(det), det.regionclip, settings

@@ -1,4 +1,4 @@
-"""COCO and LVIS box AP, with the open-vocabulary (novel/base/all) split metrics of spec 6.4.
+"""COCO and LVIS box AP, with the open-vocabulary (novel/base/all) split metrics.
 
 One entry point, :func:`evaluate_detections`, three interchangeable backends:
 

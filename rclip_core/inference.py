@@ -1,9 +1,14 @@
-"""Zero-shot region recognition and detection on images: the path shared by ``rclip detect``,
-``rclip eval --zero-shot`` and ``rclip pseudo-label``.
+"""Inference on images: the zero-shot path shared by ``rclip detect``, ``rclip eval --zero-shot``
+and ``rclip pseudo-label`` (:class:`ZeroShotPipeline`), and a fine-tuned detector's
+(:func:`detect_images`), both returning boxes in original-image pixels.
 
-Per image: read + resize (spec 1.5) -> proposals (given boxes, offline RPN, random or grid
-boxes) -> trunk once -> RoIAlign + res5 + attention pool per region -> classifier (spec 1.6)
--> post-processing (spec 5.1-5.3) -> boxes back in original pixels.
+Zero-shot, per image (official ``clip_rcnn.py: CLIPFastRCNN.inference``): read + resize
+(``detectron2/data/transforms/augmentation_impl.py: ResizeShortestEdge``) -> proposals (given
+boxes, offline RPN, random or grid boxes) -> trunk once -> RoIAlign + res5 + attention pool per
+region -> cosine classifier against the class embeddings (``fast_rcnn.py:
+FastRCNNOutputLayers``) -> post-processing (``fast_rcnn.py: fast_rcnn_inference_single_image``,
+RPN-score fusion as in ``fast_rcnn.py: FastRCNNOutputLayers.inference``) -> boxes back in
+original pixels. Zero-shot settings of Table 4 (see :func:`rclip_core.evaluation.zeroshot.default_options`).
 """
 
 from __future__ import annotations
@@ -12,35 +17,41 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rclip_core.data.transforms import (MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, boxes_to_original,
-                                        boxes_to_resized, load_image)
+from rclip_core.data.images import (MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, boxes_to_original, boxes_to_resized,
+                                    load_image)
 from rclip_core.errors import InputError, RclipError
+from rclip_core.models.classifier import FUSION_MODES, Detections, InferenceConfig, postprocess, region_class_probs
 from rclip_core.models.regionclip import RegionCLIP
-from rclip_core.models.zeroshot import FUSION_MODES, Detections, postprocess_detections, region_class_probs
 
 PROPOSAL_MODES = ("boxes", "rpn", "random", "grid")
 
 
-@dataclass
-class DetectOptions:
-    proposals: str = "boxes"  # boxes | rpn | random | grid
+@dataclass(kw_only=True)
+class DetectOptions(InferenceConfig):
+    """Zero-shot detection settings: the post-processing ones are
+    :class:`rclip_core.models.classifier.InferenceConfig`'s (same names as the CLI flags and the
+    recipe keys), with ``rclip detect``'s defaults (score > 0.05, top-1 class per box, RPN score
+    fusion ``official``); plus where the regions come from, the test resize and the precision.
+    Checked on construction and by :meth:`validate` (one-line InputErrors naming the flag)."""
+
     score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    max_dets: int = 100
     fusion: str = "official"  # only used with RPN proposals
     topk_labels: int = 1  # 0 = every (box, class) pair above the threshold (official protocol)
+    proposals: str = "boxes"  # boxes | rpn | random | grid
     num_random: int = 100
     seed: int = 0
-    chunk_size: int = 256  # regions per head call: bounds peak memory
     short_side: int = TEST_SHORT_SIDE
     max_size: int = MAX_SIZE
     precision: str = "fp32"  # fp32 | bf16
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.proposals not in PROPOSAL_MODES:
@@ -49,14 +60,18 @@ class DetectOptions:
             raise InputError(f"unknown fusion {self.fusion!r}", "use one of " + ", ".join(FUSION_MODES))
         if not (0.0 <= self.score_thresh < 1.0 or (self.fusion == "official" and self.score_thresh >= 0)):
             raise InputError(f"--score-thresh {self.score_thresh} must be in [0, 1)")
-        if not 0.0 < self.nms_thresh <= 1.0:
-            raise InputError(f"--nms {self.nms_thresh} must be in (0, 1]")
+        if not 0.0 < self.nms <= 1.0:
+            raise InputError(f"--nms {self.nms} must be in (0, 1]")
         if self.max_dets < 1:
             raise InputError("--max-dets must be >= 1")
         if self.topk_labels < 0:
             raise InputError("--topk-labels must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise InputError(f"unknown precision {self.precision!r}", "use fp32 or bf16")
+        try:
+            super().__post_init__()  # the remaining post-processing checks
+        except ValueError as e:
+            raise InputError(str(e)) from None
 
 
 @dataclass
@@ -106,7 +121,7 @@ class ZeroShotPipeline:
                 out = self.model.rpn([prep.tensor.to(self.device)])
             boxes, logits = _unpack_rpn(out)
             return boxes.float(), logits.float(), boxes_to_original(boxes.float(), prep)
-        from rclip_core.models.proposals import grid_boxes, random_boxes
+        from rclip_core.models.proposals.boxes import grid_boxes, random_boxes
 
         h, w = prep.size
         if o.proposals == "random":
@@ -184,16 +199,15 @@ class ZeroShotPipeline:
 
     def _detections(self, prep: PreparedImage, boxes: Tensor, logits: Tensor | None, emb: Tensor
                     ) -> Detections:
-        """Classify one image's region embeddings [N, D] and post-process (spec 5.1-5.3);
-        boxes come back in original pixels, on the CPU."""
+        """Classify one image's region embeddings [N, D] and post-process (official
+        ``fast_rcnn.py: fast_rcnn_inference_single_image``); boxes come back in original
+        pixels, on the CPU."""
         if self.class_embeddings is None or emb.shape[0] == 0:
             z = torch.zeros(0)
             return Detections(torch.zeros(0, 4), z, z.long(), z.long(), z)
         probs = region_class_probs(emb, self.class_embeddings, keep_background=True)
         o = self.options
-        fusion = o.fusion if logits is not None else "none"
-        dets = postprocess_detections(boxes.to(self.device), probs, prep.size, logits, fusion,
-                                      o.score_thresh, o.nms_thresh, o.max_dets, o.topk_labels)
+        dets = postprocess(boxes.to(self.device), probs, prep.size, logits, o)  # no logits: no fusion
         dets = Detections(boxes_to_original(dets.boxes.cpu(), prep), dets.scores.cpu(), dets.classes.cpu(),
                           dets.box_index.cpu(), dets.probs.cpu())
         nonempty = (dets.boxes[:, 2] > dets.boxes[:, 0]) & (dets.boxes[:, 3] > dets.boxes[:, 1])
@@ -201,6 +215,36 @@ class ZeroShotPipeline:
             dets = Detections(dets.boxes[nonempty], dets.scores[nonempty], dets.classes[nonempty],
                               dets.box_index[nonempty], dets.probs[nonempty])
         return dets
+
+
+def detect_images(detector, images: Sequence[PreparedImage]) -> list:
+    """A fine-tuned detector (:class:`rclip_core.models.detector.Detector`) on prepared images
+    (:func:`rclip_core.data.images.load_image`): its ``DetectorDetections`` per image, boxes
+    in ORIGINAL pixels, on the CPU, in input order, class indices into its eval-mode vocabulary.
+
+    Images of equal resized size share one trunk call (``Detector.inference``); images are
+    never padded together, so a result does not depend on the other images (the official test
+    loader runs one image at a time). Boxes are mapped back and empty ones dropped as in
+    ``detectron2/modeling/postprocessing.py: detector_postprocess``. Runs in eval mode and
+    restores the previous mode.
+    """
+    was_training = detector.training
+    detector.eval()
+    try:
+        out: list = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, prep in enumerate(images):
+            groups.setdefault(tuple(prep.size), []).append(i)
+        for idx in groups.values():
+            dets = detector.inference([images[i].tensor for i in idx])
+            for i, d in zip(idx, dets):
+                d = d.to("cpu")
+                d.boxes = boxes_to_original(d.boxes, images[i])
+                nonempty = (d.boxes[:, 2] > d.boxes[:, 0]) & (d.boxes[:, 3] > d.boxes[:, 1])
+                out[i] = d if bool(nonempty.all()) else d.select(nonempty)
+        return out
+    finally:
+        detector.train(was_training)
 
 
 def _unpack_rpn(out) -> tuple[Tensor, Tensor]:
@@ -236,8 +280,63 @@ def prefetch_images(paths: Sequence[str], short: int, max_size: int, workers: in
             futures[i] = None  # free memory
 
 
+#: ``runner(image, path, given XYXY boxes or None) -> ImageResult``
+Runner = Callable[[PreparedImage, str, "np.ndarray | None"], ImageResult]
+
+
+def detector_runner(detector, precision: str = "fp32") -> Runner:
+    """``runner(image, path, boxes) -> ImageResult`` of a fine-tuned detector (it makes its own
+    boxes: ``boxes`` is unused; no region embeddings), through :func:`detect_images`."""
+
+    def run(prep: PreparedImage, path: str, boxes: np.ndarray | None = None) -> ImageResult:
+        with torch.inference_mode(), autocast_context(detector.device, precision):
+            d = detect_images(detector, [prep])[0]
+        return ImageResult(path=path, orig_size=prep.orig_size, boxes=d.boxes, embeddings=torch.zeros(0),
+                           detections=d)
+
+    return run
+
+
+def detect_files(run: Runner, paths: Sequence[str], *, boxes: Mapping[str, np.ndarray] | None = None,
+                 short_side: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE, workers: int = 1
+                 ) -> Iterator[tuple[str, ImageResult | None, str | None]]:
+    """``run`` on image files (``rclip detect``), decoded ahead in ``workers`` threads: yields
+    ``(path, result, None)`` or ``(path, None, error message)`` per image, in input order, so one
+    bad image does not stop the others.
+
+    ``boxes``: given XYXY boxes in original pixels per image (a
+    :func:`rclip_core.data.boxes.load_boxes_file` mapping); every image's entry is looked up
+    before any work (a missing one is an InputError), and checked against the image's size.
+    """
+    from rclip_core.data.boxes import lookup_boxes
+
+    if boxes is not None:  # now, not when the first result is asked for
+        for p in paths:
+            lookup_boxes(boxes, p)
+    return _detect_files(run, paths, boxes, short_side, max_size, workers)
+
+
+def _detect_files(run: Runner, paths: Sequence[str], boxes: Mapping[str, np.ndarray] | None, short_side: int,
+                  max_size: int, workers: int) -> Iterator[tuple[str, ImageResult | None, str | None]]:
+    from rclip_core.data.boxes import lookup_boxes, validate_boxes
+
+    for path, prep, err in prefetch_images(paths, short_side, max_size, workers=workers):
+        if err is not None:
+            yield path, None, str(err)
+            continue
+        try:
+            given = None
+            if boxes is not None:
+                given = validate_boxes(np.asarray(lookup_boxes(boxes, path), dtype=np.float64),
+                                       prep.orig_size[1], prep.orig_size[0], os.path.basename(path))
+            res, msg = run(prep, path, given), None
+        except RclipError as e:
+            res, msg = None, str(e)
+        yield path, res, msg
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded and resized (spec 1.5) in DataLoader workers.
+    """Image files decoded and resized for test (``ResizeShortestEdge``) in DataLoader workers.
 
     Item ``i`` is ``(i, PreparedImage or None, error message or None)``: a corrupt or missing
     file is reported, not raised, so one bad image does not stop an evaluation.
@@ -278,9 +377,12 @@ def load_image_batches(paths: Sequence[str | os.PathLike], short: int = TEST_SHO
         raise InputError("--workers must be >= 0")
     if not paths:
         return
+    # own generator: the loader draws its workers' base seed from it, not from the global RNG
+    # (an evaluation between training steps must not move it: exact resume)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, short, max_size), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, collate_fn=_as_list,
-                                         prefetch_factor=2 if workers > 0 else None)
+                                         prefetch_factor=2 if workers > 0 else None,
+                                         generator=torch.Generator().manual_seed(0))
     yield from loader
 
 
