@@ -1,11 +1,15 @@
-"""Drawing detections: boxes with "label score" tags, legible on small and large images."""
+"""Drawing detections and pseudo labels: boxes with "label score" tags, legible at any size."""
 
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence
+import os
+from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from rclip_core.data.shards import PseudoLabelShards
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -53,3 +57,32 @@ def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], labels
         lum = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
         draw.text((tx + pad - l, ty + pad - t), text, fill=(0, 0, 0) if lum > 140 else (255, 255, 255), font=font)
     return img
+
+
+def render_image_labels(shards: PseudoLabelShards, key: str, max_boxes: int = 8, image_path: str | None = None,
+                        min_side: int = 384):
+    """The image ``key`` with its labels drawn: for each concept among its kept regions, the
+    most confident region (so that one frequent concept does not hide the others), at most
+    ``max_boxes``, best first, tagged "concept probability". Images smaller than ``min_side``
+    are enlarged so the tags stay legible. Returns a PIL image; raises InputError when the image
+    file (under the index's data root, or ``image_path``) cannot be read."""
+    import torch
+
+    from rclip_core.data.images import read_image
+
+    labels = shards.lookup(key)
+    if image_path is None:
+        k = shards.resolve(key) or os.fspath(key)
+        image_path = k if os.path.isabs(k) else os.path.join(shards.data_root or "", k)
+    img = read_image(image_path)
+    keep = labels["keep"]
+    boxes, target, prob = labels["boxes"][keep], labels["target"][keep], labels["max_prob"][keep]
+    best: dict[int, int] = {}
+    for i in prob.argsort(descending=True).tolist():
+        best.setdefault(int(target[i]), i)
+    order = torch.tensor(list(best.values())[:max_boxes], dtype=torch.long)
+    scale = max(1.0, min_side / max(1, min(img.size)))
+    if scale > 1.0:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+    return draw_detections(img, (boxes[order] * scale).tolist(), [shards.concepts[c] for c in target[order].tolist()],
+                           prob[order].tolist(), target[order].tolist())

@@ -14,6 +14,17 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from rclip_cli._torchrun import free_port, launch_torchrun, torchrun_command
+from rclip_core.dist import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_main,
+    launched_by_torchrun,
+    main_process_first,
+)
 from rclip_core.engine import checkpoint as ckpt_mod
 from rclip_core.engine.checkpoint import (
     install_sigterm_handler,
@@ -23,18 +34,6 @@ from rclip_core.engine.checkpoint import (
     restore_rng,
     restore_training_state,
     save_checkpoint,
-)
-from rclip_core.engine.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    cleanup,
-    free_port,
-    init_distributed,
-    is_main,
-    launch_torchrun,
-    launched_by_torchrun,
-    torchrun_command,
 )
 from rclip_core.engine.optim import (
     WarmupMultiStepLR,
@@ -62,6 +61,8 @@ def test_single_process_is_a_noop(monkeypatch):
     assert all_reduce_mean({"a": 2.0, "b": torch.tensor(3.0)}) == {"a": 2.0, "b": 3.0}
     assert not launched_by_torchrun({})
     assert launched_by_torchrun({"LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    with main_process_first() as first:
+        assert first
     cleanup()
 
 
@@ -85,10 +86,16 @@ def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss.backward()
         mean_t = all_reduce_mean(torch.tensor([float(rank), 10.0 * rank]))
         mean_d = all_reduce_mean({"loss": float(rank) + 1.0})
+        marker = os.path.join(out_dir, "main_first.txt")
+        with main_process_first() as first:
+            # the main process runs the block first; the others find what it wrote
+            seen = os.path.exists(marker)
+            if first:
+                open(marker, "w").write("0")
         barrier()
         torch.save({"info": (info.rank, info.world_size, info.local_rank, info.backend, is_main()),
-                    "loss": loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad,
-                    "mean_t": mean_t, "mean_d": mean_d}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "first": (first, seen), "loss": loss.detach(), "img_grad": img.grad,
+                    "txt_grad": txt.grad, "mean_t": mean_t, "mean_d": mean_d}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         cleanup()
 
@@ -102,6 +109,7 @@ def test_gathered_image_text_loss_equals_global_batch(tmp_path):
                        start_method=method)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     assert [r["info"] for r in res] == [(0, 2, 0, "gloo", True), (1, 2, 1, "gloo", False)]
+    assert [r["first"] for r in res] == [(True, False), (False, True)]
     for r in res:
         torch.testing.assert_close(r["mean_t"], torch.tensor([0.5, 5.0]))
         assert r["mean_d"] == {"loss": 1.5}
@@ -139,7 +147,7 @@ def test_launch_torchrun_two_workers(tmp_path):
         if sys.argv[2] == "fail":  # rank 1 fails at once; torchrun must report it
             sys.exit(3 if os.environ["RANK"] == "1" else 0)
         import torch
-        from rclip_core.engine.distributed import init_distributed, all_reduce_mean, cleanup
+        from rclip_core.dist import init_distributed, all_reduce_mean, cleanup
         info = init_distributed(device="cpu")
         m = all_reduce_mean(torch.tensor([float(info.rank)]))
         open(sys.argv[1] + f"/rank{info.rank}.txt", "w").write(f"{info.world_size} {info.backend} {m.item()}")

@@ -1,6 +1,6 @@
-"""``rclip pseudo-label`` and :mod:`rclip_core.pseudo_labels`: shard format, labels against a
-direct computation with the teacher, resumability (simulated and a real ``kill -9``),
-settings checks, the process split, ``--inspect`` and the error contract.
+"""``rclip pseudo-label``, :mod:`rclip_core.pseudo_label` and :mod:`rclip_core.data.shards`: shard
+format, labels against a direct computation with the teacher, resumability (simulated and a real
+``kill -9``), settings checks, the process split, ``--inspect`` and the error contract.
 
 World: 12 ShapesWorld training images of 64x64 px; teacher: ``test-micro`` with random weights,
 saved to a file. Its region embeddings all point almost the same way u (cos > 0.9999), so the
@@ -31,24 +31,22 @@ from safetensors.torch import load_file
 
 from rclip_cli.commands.pseudo_label import SHARD_DELAY_ENV, _args_without_nproc
 from rclip_cli.main import cli
+from rclip_core.data.images import load_image
 from rclip_core.data.shapes import generate_shapes_world
-from rclip_core.data.transforms import load_image
+from rclip_core.data.shards import PseudoLabelShards, shard_statistics
 from rclip_core.errors import InputError
-from rclip_core.models.proposals import build_offline_rpn, random_boxes
-from rclip_core.models.regionclip import attach_rpn, load_model
-from rclip_core.pseudo_labels import (LabelSettings, PseudoLabeler, PseudoLabelShards, collect_label_images,
-                                      image_seed, label_image, shard_statistics)
+from rclip_core.models.proposals.boxes import random_boxes
+from rclip_core.models.proposals.offline import build_offline_rpn
+from rclip_core.pseudo_label import (LabelSettings, PseudoLabeler, collect_label_images, dataset_label_images,
+                                     image_seed, label_image)
 from rclip_core.weights.io import save_safetensors
+from rclip_core.weights.loaders import attach_rpn, load_model
+from rclip_core.weights.native import save_model
 
 SIZE = 64
 T = 0.0002
 CONCEPTS = ["red circle", "blue square", "green triangle", "yellow star", "purple cross", "orange heart"]
 TENSORS = {"image_index", "boxes", "target", "max_prob", "keep", "topk_inds", "topk_logits"}
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def world(tmp_path_factory) -> dict:
     generate_shapes_world(d / "world", train=12, val=0, image_size=SIZE, workers=1)
     torch.manual_seed(0)
     model = load_model(model="test-micro", random_init=True)
-    model.save(d / "teacher.safetensors")
+    save_model(model, d / "teacher.safetensors")
     (d / "pool.txt").write_text("\n".join(f"{c},{10 - i}" for i, c in enumerate(CONCEPTS)))
     # concept embeddings around the teacher's common region direction u (see the docstring)
     prep = load_image(d / "world" / "train" / "000001.jpg", SIZE, 1333)
@@ -217,19 +215,19 @@ def test_labels_match_a_direct_computation(world, tmp_path):
 
 def test_rpn_proposals_use_the_pretraining_preset(world, tmp_path):
     """--proposals rpn: the offline RPN at NMS 0.5 / 300 after NMS, then N drawn with the
-    image's seeded randperm (spec 4.3; N = 100 there, 10 here because a random RPN finds only
-    ~15 proposals in a 64 px image)."""
+    image's seeded randperm (``clip_rcnn.py: PretrainFastRCNN.get_region_proposals``; N = 100
+    there, 10 here because a random RPN finds only ~15 proposals in a 64 px image)."""
     model = load_model(weights=world["teacher"])
     torch.manual_seed(0)
     attach_rpn(model, build_offline_rpn("lvis_866_fpn").state_dict())
-    assert model.rpn.settings.nms_thresh == 0.9  # zero-shot preset as loaded
+    assert model.rpn.settings.nms == 0.9  # zero-shot preset as loaded
     images = collect_label_images(world["data"], max_images=2)
     labeler = PseudoLabeler(model, CONCEPTS, world["emb"], images, tmp_path / "o",
                             LabelSettings(proposals="rpn", short_side=SIZE, regions_per_image=10),
                             concept_pool_sha256="-",
                             rank=0, world_size=1)
     s = model.rpn.settings
-    assert (s.nms_thresh, s.post_nms_topk) == (0.5, 300)
+    assert (s.nms, s.post_nms_topk) == (0.5, 300)
     assert json.loads(json.dumps(labeler.header["rpn"])) == {"kind": "lvis_866_fpn", "nms_thresh": 0.5,
                                                              "pre_nms_topk": 1000, "post_nms_topk": 300}
     labeler.run(labeler.prepare())
@@ -424,6 +422,25 @@ def test_coco_instances_and_folders_as_data(world):
         collect_label_images(world["root"] / "instances_train.json", images=world["dir"])
 
 
+def test_named_data_sets_as_data(world, tmp_path):
+    """--dataset takes the names of `rclip eval` / `rclip finetune`; shapes:DIR labels the same
+    images, with the same keys, as its instances file."""
+    named = dataset_label_images(f"shapes:{world['root']}", max_images=3)
+    coco = collect_label_images(world["root"] / "instances_train.json", images=world["root"] / "train", max_images=3)
+    assert [it.key for it in named.items] == [it.key for it in coco.items] == ["000001.jpg", "000002.jpg",
+                                                                               "000003.jpg"]
+    assert [it.record_key for it in named.items] == [it.record_key for it in coco.items]
+    assert named.data_root == coco.data_root and named.missing == 0
+    out = tmp_path / "labels"
+    r = run_cli("--dataset", f"shapes:{world['root']}", "--split", "train", "--max-images", 3, "--teacher",
+                world["teacher"], "--concepts", world["pool"], "--concept-embeddings", world["emb_file"],
+                "--proposals", "random", "--short-side", SIZE, "--temperature", T, "--threshold", 0.5, "--out", out)
+    assert r.exit_code == 0, r.output
+    shards = PseudoLabelShards(out)
+    assert shards.keys == ["000001.jpg", "000002.jpg", "000003.jpg"] and "1" in shards
+    assert shards.index["data"].startswith("shapes:train:")
+
+
 def test_args_for_torchrun():
     argv = ["pseudo-label", "d.jsonl", "--nproc", "4", "--out", "o", "--nproc=2"]
     assert _args_without_nproc(argv) == ["pseudo-label", "d.jsonl", "--out", "o"]
@@ -431,7 +448,8 @@ def test_args_for_torchrun():
 
 @pytest.mark.parametrize("case", [
     "no-data", "missing-data", "no-out", "no-teacher", "no-concepts", "missing-pool", "random-init-alone",
-    "rpn-without-rpn", "empty-folder", "bad-threshold", "text-only", "rows-vs-names", "inspect-with-data",
+    "rpn-without-rpn", "empty-folder", "bad-threshold", "text-only", "rows-vs-names", "builtin-pool-rows",
+    "inspect-with-data", "data-and-dataset", "unknown-dataset",
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, case):
     out = tmp_path / "new" / "labels"
@@ -456,7 +474,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, case):
         "rows-vs-names": ([world["data"], "--teacher", world["teacher"], "--concepts", tmp_path / "three.txt",
                            "--concept-embeddings", world["emb_file"], "--proposals", "random", "--out", out],
                           "has 6 rows but the pool has 3"),
+        # a built-in pool name is read like a file (here: the 80 COCO class names)
+        "builtin-pool-rows": ([world["data"], "--teacher", world["teacher"], "--concepts", "coco",
+                               "--concept-embeddings", world["emb_file"], "--proposals", "random", "--out", out],
+                              "has 6 rows but the pool has 80"),
         "inspect-with-data": ([world["data"], "--inspect", tmp_path], "--inspect takes only"),
+        "data-and-dataset": ([world["data"], "--dataset", "coco", *common], "exclude each other"),
+        "unknown-dataset": (["--dataset", "nope", *common], "--dataset nope: not one of"),
     }[case]
     assert_error(run_cli(*args), out, match)
     assert not (tmp_path / "new").exists()

@@ -11,13 +11,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rclip_cli.main import cli
-from rclip_core import quickstart as Q
+from rclip_cli.quickstart import plan as P
+from rclip_cli.quickstart import report as R
 from rclip_core.errors import InputError
 
 
 def test_plan_names_every_stage_once_per_seed(tmp_path):
-    s = Q.QuickstartSettings(out=tmp_path, seed=5, seeds=2, ablations=("losses",)).validate()
-    names = [st.name for st in Q.plan(s)]
+    s = P.QuickstartSettings(out=tmp_path, seed=5, seeds=2, ablations=("losses",)).validate()
+    names = [st.name for st in P.plan(s)]
     # the first seed's teacher-initialised detector carries the RPN that proposes the regions
     assert names[:7] == ["world", "teacher", "concepts", "ft_teacher@5", "pseudo_labels", "zs_gt_teacher",
                          "zs_rpn_teacher"]
@@ -27,7 +28,7 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
                   "zs_gt_student", "zs_gt_control", "zs_gt_contrastive_only", "zs_rpn_student"):
             assert names.count(f"{n}@{seed}") == 1
     assert len(names) == len(set(names)) == 7 + 10 + 11 + 1  # shared, seed 5, seed 6 (+ ft_teacher), detect
-    cmds = {st.name: st.command() for st in Q.plan(s)}
+    cmds = {st.name: st.command() for st in P.plan(s)}
     # the world and the teacher use --seed; pretraining seeds differ; the control has no region loss
     assert "--seed 5" in cmds["world"] and "seed=5" in cmds["teacher"]
     assert "seed=6" in cmds["student@6"] and "regions.source=shards" in cmds["student@6"]
@@ -39,7 +40,7 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
     assert s.pretrain_images == 3200 and "--max-images 3200" in cmds["pseudo_labels"]
     for name in ("student@5", "control@6", "contrastive_only@6"):
         assert "data.max_images=3200" in cmds[name] and "batch.images_per_process=8" in cmds[name]
-    small = Q.QuickstartSettings(out=tmp_path, train_images=1000, nproc=1).validate()
+    small = P.QuickstartSettings(out=tmp_path, train_images=1000, nproc=1).validate()
     assert small.pretrain_images == 1000  # never more than the world has
     # the teacher labels at its own 128 px; --ablation labels adds the official setting (labels on
     # the student's 256-px input), which --ablation regions brings along as its reference
@@ -48,9 +49,9 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
     assert "--rpn-topk 100" in cmds["zs_rpn_student@6"] and "--rpn-topk 100" in cmds["zs_rpn_teacher"]
     assert "detector.rpn.post_nms_topk_test=100" in cmds["ft_student@5"]
     assert "pseudo_labels_student_res" not in cmds
-    r = Q.QuickstartSettings(out=tmp_path, ablations=("regions",)).validate()
+    r = P.QuickstartSettings(out=tmp_path, ablations=("regions",)).validate()
     assert r.ablations == ("regions", "labels")
-    rc = {st.name: st.command() for st in Q.plan(r)}
+    rc = {st.name: st.command() for st in P.plan(r)}
     assert "--short-side 256 --max-size 512" in rc["pseudo_labels_student_res"]
     assert f"regions.shards={tmp_path}/pseudo_labels_student_res" in rc["labels_at_student_resolution@0"]
     assert f"regions.shards={tmp_path}/pseudo_labels " in rc["student@0"] + " "
@@ -65,19 +66,19 @@ def test_plan_names_every_stage_once_per_seed(tmp_path):
                                              ({"ablations": ("tables",)}, "unknown ablation")])
 def test_bad_settings(tmp_path, change, message):
     with pytest.raises(InputError, match=message):
-        Q.QuickstartSettings(out=tmp_path, **change).validate()
+        P.QuickstartSettings(out=tmp_path, **change).validate()
 
 
 def test_aggregate_mean_and_sample_std():
     per_seed = [{"a": 10.0, "b": None}, {"a": 14.0, "b": 1.0}, {"a": 12.0, "b": 2.0}]
-    agg = Q.aggregate(per_seed)
+    agg = R.aggregate(per_seed)
     assert agg["a"] == {"mean": 12.0, "std": 2.0} and agg["b"] is None
-    assert Q.aggregate(per_seed[:1]) == per_seed[0]
-    assert Q._fmt(agg["a"]) == "12.0 ± 2.0" and Q._fmt(None) == "n/a"
+    assert R.aggregate(per_seed[:1]) == per_seed[0]
+    assert R._fmt(agg["a"]) == "12.0 ± 2.0" and R._fmt(None) == "n/a"
 
 
 def test_effects_and_markdown(tmp_path):
-    v = Q._add_effects({"zero_shot_gt_ap50_student": 70.0, "zero_shot_gt_ap50_teacher": 62.5,
+    v = R._add_effects({"zero_shot_gt_ap50_student": 70.0, "zero_shot_gt_ap50_teacher": 62.5,
                         "zero_shot_gt_ap50_control": 69.0, "zero_shot_gt_acc_student": 48.0,
                         "zero_shot_gt_acc_teacher": 44.0, "zero_shot_rpn_ap50_student": None,
                         "zero_shot_rpn_ap50_teacher": 10.0, "finetune_ap50_novel_student_init": 31.4,
@@ -86,12 +87,12 @@ def test_effects_and_markdown(tmp_path):
     assert v["effect_gt_ap50_student_minus_control"] == 1.0
     assert v["effect_rpn_ap50_student_minus_teacher"] is None
     assert v["effect_finetune_novel_student_minus_teacher"] == pytest.approx(17.2)
-    s = Q.QuickstartSettings(out=tmp_path)
+    s = P.QuickstartSettings(out=tmp_path)
     report = {**v, "seeds": [0], "effects": [{"key": k, "claim": c, "margin": m, "value": v[k],
-                                              "holds": v[k] >= m if m else v[k] > 0} for k, m, c in Q.EFFECTS],
+                                              "holds": v[k] >= m if m else v[k] > 0} for k, m, c in R.EFFECTS],
               "ablations": [], "stage_seconds": {"world": 5.0}, "total_seconds": 5.0, "commands": ["rclip x"],
-              "settings": Q._settings_dict(s)}
-    md = Q.render_markdown(report, ["figures/a.png"])
+              "settings": R._settings_dict(s)}
+    md = R.render_markdown(report, ["figures/a.png"])
     assert "| teacher (image-text CLIP, 128 px) | 62.5 | n/a | 44.0 | 10.0 | n/a |" in md
     assert "(measured" not in md and "| 7.5 | yes |" in md and "| 1.0 | yes |" in md
     assert "![a](figures/a.png)" in md
@@ -100,43 +101,43 @@ def test_effects_and_markdown(tmp_path):
 def test_diagnosis_follows_the_signs_of_the_region_accuracy_gaps(tmp_path):
     q = {"regions": 10, "share_on_objects": 2.0, "accuracy_on_objects": 23.4}
     ft_fails = [{"key": "effect_finetune_novel_student_minus_teacher", "holds": False}]
-    text = " ".join(Q._diagnosis({"effects": ft_fails}, -2.9, -5.5, q))
+    text = " ".join(R._diagnosis({"effects": ft_fails}, -2.9, -5.5, q))
     assert "does not classify ground-truth regions better than its teacher" in text and "23.4 %" in text
     assert "better than the student (5.5 points)" in text and "nothing for it to keep" in text
     # the student recognises more regions than both: said, with both gaps and the labels' accuracy
-    text = " ".join(Q._diagnosis({"effects": []}, 4.0, 1.0, q))
+    text = " ".join(R._diagnosis({"effects": []}, 4.0, 1.0, q))
     assert "better than its teacher (4.0 points) and than the control (1.0 points)" in text and "23.4 %" in text
     assert "does not" not in text and "nothing for it to keep" not in text
     # fine-tuning effect holds: no sentence about it
-    text = " ".join(Q._diagnosis({"effects": [{**ft_fails[0], "holds": True}]}, -1.0, 2.0, None))
+    text = " ".join(R._diagnosis({"effects": [{**ft_fails[0], "holds": True}]}, -1.0, 2.0, None))
     assert "nothing for it to keep" not in text and "control" not in text and "right on" not in text
 
 
 def test_one_seed_time_counts_shared_stages_and_the_first_seed(tmp_path, monkeypatch):
-    s = Q.QuickstartSettings(out=tmp_path, seed=3, seeds=2)
-    monkeypatch.setattr(Q, "pseudo_label_quality", lambda *a, **k: None)
-    r = Q.build_report(s, {"world": 5.0, "teacher": 200.0, "student@3": 80.0, "student@4": 90.0,
+    s = P.QuickstartSettings(out=tmp_path, seed=3, seeds=2)
+    monkeypatch.setattr(R, "pseudo_label_quality", lambda *a, **k: None)
+    r = R.build_report(s, {"world": 5.0, "teacher": 200.0, "student@3": 80.0, "student@4": 90.0,
                            "ft_student@3": 150.0, "ft_student@4": 155.0, "detect": 3.0}, ["rclip x"])
     assert r["total_seconds"] == 683.0 and r["one_seed_seconds"] == 438.0
-    md = Q.render_markdown(r)
+    md = R.render_markdown(r)
     assert "| one seed (shared stages and seed 3) | 438 |" in md
 
 
 def test_plot_curves_draws_each_series(tmp_path):
-    path = Q.plot_curves({"a": [(0, 3.0), (10, 1.0)], "b": [(0, 2.0), (10, 2.5)], "empty": []}, "loss",
+    path = R.plot_curves({"a": [(0, 3.0), (10, 1.0)], "b": [(0, 2.0), (10, 2.5)], "empty": []}, "loss",
                          tmp_path / "c.png")
     img = Image.open(path)
     assert img.size == (640, 360)
     colours = {img.getpixel((x, y)) for x in range(0, 640, 2) for y in range(0, 360, 2)}
     assert len(colours) > 3  # lines in two class colours besides black and white
-    assert Q.plot_curves({"a": [(0, 1.0)]}, "t", tmp_path / "none.png") is None
+    assert R.plot_curves({"a": [(0, 1.0)]}, "t", tmp_path / "none.png") is None
 
 
 def test_read_metrics_skips_other_lines(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"step": 1, "total": 2.5}\n{"step": 2, "eval": {}}\nnot json\n{"step": 3, "total": 1.5}\n')
-    assert Q.read_metrics(p, "total") == [(1, 2.5), (3, 1.5)]
-    assert Q.read_metrics(tmp_path / "missing.jsonl", "total") == []
+    assert R.read_metrics(p, "total") == [(1, 2.5), (3, 1.5)]
+    assert R.read_metrics(tmp_path / "missing.jsonl", "total") == []
 
 
 def test_tiny_run_end_to_end_then_everything_is_skipped(tmp_path):
@@ -157,7 +158,7 @@ def test_tiny_run_end_to_end_then_everything_is_skipped(tmp_path):
         assert isinstance(report[key], float), key
         assert 0.0 <= report[key] <= 100.0, key
     assert report["seeds"] == [0] and len(report["commands"]) == 14
-    assert {e["key"] for e in report["effects"]} == {k for k, _, _ in Q.EFFECTS}
+    assert {e["key"] for e in report["effects"]} == {k for k, _, _ in R.EFFECTS}
     md = (out / "report.md").read_text()
     assert "## Zero-shot region recognition" in md and "rclip pretrain" in md
     # curves need two logged points (2 steps log one); every figure listed exists
@@ -192,11 +193,11 @@ def test_a_stage_started_or_finished_as_another_command_has_changed(tmp_path):
     rec = tmp_path / "recipes" / "r.yaml"
     rec.parent.mkdir()
     rec.write_text("a: 1\n")
-    st = Q.Stage("ft@0", ["finetune", str(rec), "max_steps=10"], [tmp_path / "out.txt"])
+    st = P.Stage("ft@0", ["finetune", str(rec), "max_steps=10"], [tmp_path / "out.txt"])
     assert not st.changed(tmp_path)  # never ran
     st.mark_started(tmp_path)
     assert not st.changed(tmp_path)  # interrupted, same command: resume it
-    assert Q.Stage("ft@0", ["finetune", str(rec), "max_steps=20"], []).changed(tmp_path)
+    assert P.Stage("ft@0", ["finetune", str(rec), "max_steps=20"], []).changed(tmp_path)
     rec.write_text("a: 2\n")
     assert st.changed(tmp_path)  # the recipe it read is another one now
 

@@ -19,6 +19,12 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 
 @rclip_command("pseudo-label", short_help="Label image regions with a teacher and a concept pool.")
 @click.argument("data", required=False)
+@click.option("--dataset", default=None,
+              help="Label a named data set instead of DATA, by the names of `rclip eval` / `rclip finetune`: "
+                   "coco, coco-ovd, lvis (--images: the COCO root or the split's folder), shapes:DIR or PATH.json.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
+              help="With --dataset: the split whose images are labelled (coco-ovd train: the images with a "
+                   "base-class box).")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False),
               help="Image folder: COCO file_name / caption image paths are relative to it "
                    "(default: the data file's folder).")
@@ -33,7 +39,8 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 @click.option("--rpn-weights", type=click.Path(dir_okay=False),
               help="Offline RPN (rpn_lvis_866.pth); default: the one inside --teacher.")
 @click.option("--concepts", "concepts_file", type=click.Path(dir_okay=False),
-              help="Concept pool (noun,count lines, e.g. coco_nouns_4764.txt or `rclip concepts` output).")
+              help="Concept pool: a noun,count file (coco_nouns_4764.txt, `rclip concepts` output), a COCO "
+                   "instances JSON (its category names) or a built-in name (coco-nouns, coco, lvis, ...).")
 @click.option("--concept-embeddings", type=click.Path(dir_okay=False),
               help="Precomputed concept embeddings ([N, D] official .pth or `rclip embed` output) instead of "
                    "embedding --concepts with the teacher's text tower.")
@@ -42,8 +49,8 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 @click.option("--average", type=click.Choice(["raw", "normalized"]), default="raw", show_default=True,
               help="Template averaging (raw = the official concept files).")
 @click.option("--proposals", type=click.Choice(["rpn", "random"]), default="rpn", show_default=True,
-              help="rpn: offline RPN, NMS 0.5, --rpn-topk kept, N sampled (spec 4.3); random: grid-aligned "
-                   "random boxes.")
+              help="rpn: offline RPN, NMS 0.5, --rpn-topk kept, N sampled (the official pretraining); "
+                   "random: grid-aligned random boxes.")
 @click.option("--regions-per-image", type=click.IntRange(min=1), default=100, show_default=True,
               help="Regions labelled per image, drawn at random from the RPN's top proposals.")
 @click.option("--rpn-topk", type=click.IntRange(min=1), default=300, show_default=True,
@@ -81,10 +88,11 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
               help="With --inspect: images to draw with their kept region labels.")
 @device_option
 def pseudo_label(data, out_dir, nproc, inspect_dir, render, debug, **opts):
-    """Label the regions of the images in DATA with a teacher's best concept (spec 4.3).
+    """Label the regions of the images in DATA with a teacher's best concept (RegionCLIP pretraining).
 
     DATA is a caption file with image paths (JSONL, COCO captions, CSV/TSV), a COCO instances
-    JSON (with --images) or a folder of images. For each image: proposals, the teacher's region
+    JSON (with --images) or a folder of images; or, instead of DATA, --dataset NAME --split
+    train|val with the data-set names of `rclip eval` and `rclip finetune`. For each image: proposals, the teacher's region
     embeddings, p = softmax(cos(region, concept) / T) over the pool, label = argmax, kept when
     max p > --threshold. Writes OUT/index.json and OUT/shard-NNNNN.safetensors (--shard-size
     images each). Rerunning the same command resumes: finished shards are skipped, nothing is
@@ -96,19 +104,25 @@ def pseudo_label(data, out_dir, nproc, inspect_dir, render, debug, **opts):
           --rpn-weights rpn_lvis_866.pth --concepts coco_nouns_4764.txt --topk 20 --out cc3m-labels --nproc 8
       rclip pseudo-label shapes/captions_train.jsonl --teacher teacher.safetensors \\
           --concepts shapes_nouns.txt --proposals random --short-side 128 --out shapes-labels
+      rclip pseudo-label --dataset coco-ovd --images coco/ --split train --model RN50-quickgelu \\
+          --rpn-weights rpn_lvis_866.pth --concepts coco_nouns_4764.txt --out coco-ovd-labels
       rclip pseudo-label --inspect shapes-labels --render 8
     """
     from rclip_core.errors import InputError
 
     if inspect_dir is not None:
-        if data is not None or out_dir is not None:
-            raise InputError("--inspect takes only a pseudo-label directory", "drop DATA and --out")
+        if data is not None or out_dir is not None or opts["dataset"] is not None:
+            raise InputError("--inspect takes only a pseudo-label directory", "drop DATA, --dataset and --out")
         return _inspect(Path(inspect_dir), render)
-    if data is None:
-        raise InputError("no DATA given", "pass a caption file, a COCO instances file or an image folder")
+    if data is not None and opts["dataset"] is not None:
+        raise InputError("DATA and --dataset exclude each other", "pass one of them")
+    if data is None and opts["dataset"] is None:
+        raise InputError("no DATA given", "pass a caption file, a COCO instances file or an image folder, "
+                         "or --dataset NAME (coco, coco-ovd, lvis, shapes:DIR, PATH.json)")
     if out_dir is None:
         raise InputError("no --out directory given", "e.g. --out labels/")
-    from rclip_core.engine.distributed import launch_torchrun, launched_by_torchrun
+    from rclip_cli._torchrun import launch_torchrun
+    from rclip_core.dist import launched_by_torchrun
 
     if nproc > 1 and not launched_by_torchrun():
         _validate_inputs(data, out_dir, opts)
@@ -148,13 +162,13 @@ def _args_without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _validate_inputs(data: str, out_dir: str, o: dict) -> None:
+def _validate_inputs(data: str | None, out_dir: str, o: dict) -> None:
     """The checks that need no model, done before anything is loaded or written."""
     from rclip_core.errors import InputError
 
     teacher, model_name, random_init = o["teacher"], o["model_name"], o["random_init"]
     concepts_file, concept_embeddings = o["concepts_file"], o["concept_embeddings"]
-    if not os.path.exists(data):
+    if data is not None and not os.path.exists(data):
         raise InputError(f"data not found: {data}")
     if teacher and random_init:
         raise InputError("--random-init and --teacher exclude each other")
@@ -167,22 +181,32 @@ def _validate_inputs(data: str, out_dir: str, o: dict) -> None:
         raise InputError(f"teacher weights not found: {teacher}")
     if not concepts_file and not concept_embeddings:
         raise InputError("no concepts given", "pass --concepts pool.txt (e.g. coco_nouns_4764.txt)")
-    for opt, p in (("--concepts", concepts_file), ("--concept-embeddings", concept_embeddings)):
-        if p and not os.path.isfile(p):
-            raise InputError(f"{opt} file not found: {p}")
+    from rclip_core.data.vocab import VOCABULARIES
+
+    if concepts_file and not os.path.isfile(concepts_file) and concepts_file.strip().lower() not in VOCABULARIES:
+        raise InputError(f"--concepts file not found: {concepts_file}",
+                         f"a pool file, a COCO instances JSON or a built-in name: {', '.join(VOCABULARIES)}")
+    if concept_embeddings and not os.path.isfile(concept_embeddings):
+        raise InputError(f"--concept-embeddings file not found: {concept_embeddings}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"--out {out_dir} exists and is not a directory")
 
 
 def _load_concepts(model, concepts_file, concept_embeddings, templates, average, show: bool = True):
     """(names, [N, D] embeddings, pool sha256, index info)."""
-    from rclip_core.concepts import read_concept_pool
+    import hashlib
+
+    from rclip_core.data.concepts import load_concept_pool
     from rclip_core.errors import InputError
     from rclip_core.fileio import sha256_file
 
-    names = read_concept_pool(concepts_file) if concepts_file else None
+    names = load_concept_pool(concepts_file) if concepts_file else None
+    if concepts_file and not os.path.isfile(concepts_file):  # a built-in pool: the hash of its names
+        pool_sha = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+    else:
+        pool_sha = sha256_file(concepts_file) if concepts_file else None
     if concept_embeddings:
-        from rclip_core.models.regionclip import load_class_embeddings
+        from rclip_core.weights.loaders import load_class_embeddings
 
         emb, stored = load_class_embeddings(concept_embeddings)
         if names is None:
@@ -194,37 +218,36 @@ def _load_concepts(model, concepts_file, concept_embeddings, templates, average,
             raise InputError(f"--concept-embeddings has {emb.shape[0]} rows but the pool has {len(names)} "
                              "concepts",
                              "the rows must be the concepts in pool order")
-        pool_sha = sha256_file(concepts_file or concept_embeddings)
+        pool_sha = pool_sha or sha256_file(concept_embeddings)
         return list(names), emb, pool_sha, {"templates": None, "average": None,
                                             "concept_embeddings": os.path.abspath(concept_embeddings)}
     if not model.has_text:
         raise InputError("the teacher has no text encoder, so the concepts cannot be embedded",
                          "pass --concept-embeddings FILE (an official *_emb.pth or `rclip embed` output)")
-    from rclip_core.models.text import EmbeddingCache, class_embeddings, get_tokenizer, load_templates
+    from rclip_core.models.text import embed_class_names, load_templates
 
     tmpl = load_templates(templates)
-    cache = None if model.info.source_format == "random" else EmbeddingCache()
     with progress_bar("embedding concepts", total=len(names), unit="concepts",
                       disable=None if show else True) as advance:
-        emb = class_embeddings(model.clip, get_tokenizer(model.arch.context_length), names, templates=tmpl,
-                               average=average, progress=advance, cache=cache,
-                               model_id=model.identity() if cache else None)
+        emb = embed_class_names(model, names, tmpl, average, advance)
     named = templates in ("clip81", "single")
-    return list(names), emb, sha256_file(concepts_file), {"templates": templates if named else tmpl,
-                                                            "average": average}
+    return list(names), emb, pool_sha, {"templates": templates if named else tmpl, "average": average}
 
 
-def _run(data: str, out_dir: str, o: dict) -> None:
-    from rclip_core.engine.distributed import cleanup, init_distributed
+def _run(data: str | None, out_dir: str, o: dict) -> None:
+    from rclip_core.dist import cleanup, init_distributed, main_process_first
     from rclip_core.errors import InputError
-    from rclip_core.pseudo_labels import LabelSettings, PseudoLabeler, collect_label_images
+    from rclip_core.pseudo_label import LabelSettings, PseudoLabeler, collect_label_images, dataset_label_images
 
     _validate_inputs(data, out_dir, o)
     fields = ("proposals", "regions_per_image", "rpn_topk", "threshold", "temperature", "topk", "short_side",
               "shard_size", "seed", "save_embeddings", "precision", "chunk_size", "workers")
     settings = LabelSettings(max_size=o["max_size"] if o["max_size"] is not None else max(1333, o["short_side"]),
                              **{k: o[k] for k in fields}).validate()
-    images = collect_label_images(data, o["images_dir"], o["fmt"], o["max_images"])
+    if o["dataset"] is not None:
+        images = dataset_label_images(o["dataset"], o["images_dir"], o["split"], o["max_images"])
+    else:
+        images = collect_label_images(data, o["images_dir"], o["fmt"], o["max_images"])
 
     device = o["device"]
     info = init_distributed(device=None if device in (None, "auto") else device)
@@ -240,8 +263,9 @@ def _run(data: str, out_dir: str, o: dict) -> None:
         if settings.proposals == "rpn" and model.rpn is None:
             raise InputError("--proposals rpn needs an offline RPN, and the teacher carries none",
                              "pass --rpn-weights rpn_lvis_866.pth, or use --proposals random")
-        names, emb, pool_sha, extra = _load_concepts(model, o["concepts_file"], o["concept_embeddings"],
-                                                     o["templates"], o["average"], show=info.is_main)
+        with main_process_first():  # the others then read the concept embeddings from its cache
+            names, emb, pool_sha, extra = _load_concepts(model, o["concepts_file"], o["concept_embeddings"],
+                                                         o["templates"], o["average"], show=info.is_main)
         from rclip_core.fileio import ensure_output_dir, first_missing_dir, remove_empty_dirs
 
         created = first_missing_dir(Path(out_dir)) if info.is_main else None
@@ -258,6 +282,9 @@ def _run(data: str, out_dir: str, o: dict) -> None:
                           + (f"; {len(plan.invalid)} unreadable shard file(s) will be rewritten"
                              if plan.invalid else "")
                           + (f"; {info.world_size} processes" if info.distributed else ""))
+            if images.missing:
+                err_console.print(f"[yellow]{images.missing} image(s) of the data set are not under "
+                                  f"{images.data_root}: not labelled[/]", soft_wrap=True)
         delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
         on_shard = (lambda i: time.sleep(delay)) if delay > 0 else None
         with progress_bar("pseudo-label", total=plan.images, unit="img",
@@ -298,7 +325,8 @@ def _inspect(path: Path, render: int) -> None:
 
     from rclip_core.errors import InputError, RclipError
     from rclip_core.fileio import atomic_write
-    from rclip_core.pseudo_labels import PseudoLabelShards, render_image_labels, shard_statistics
+    from rclip_core.data.shards import PseudoLabelShards, shard_statistics
+    from rclip_core.viz import render_image_labels
 
     shards = PseudoLabelShards(path, require_complete=False)
     stats = shard_statistics(shards)

@@ -15,8 +15,8 @@ import click
 from rich.table import Table
 
 from rclip_cli._common import console, rclip_command
+from rclip_cli.quickstart.plan import ABLATIONS
 from rclip_core.errors import RuntimeFailure
-from rclip_core.quickstart import ABLATIONS
 
 
 def _run_stage(argv: list[str], log: Path) -> tuple[int, float]:
@@ -94,26 +94,27 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
       rclip quickstart --seeds 3 --ablation losses --ablation image-text --ablation regions
       rclip quickstart --dry-run                         # only print the commands
     """
-    from rclip_core import quickstart as Q
-    from rclip_core.fileio import atomic_write_json, atomic_write_text, ensure_output_dir
+    from rclip_cli.quickstart import plan as P
+    from rclip_cli.quickstart import report as R
+    from rclip_core.fileio import atomic_write_json, ensure_output_dir
 
-    settings = Q.QuickstartSettings(out=out.resolve(), seed=seed, seeds=seeds, nproc=nproc,
+    settings = P.QuickstartSettings(out=out.resolve(), seed=seed, seeds=seeds, nproc=nproc,
                                     train_images=train_images, val_images=val_images, teacher_steps=teacher_steps,
                                     pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
                                     ablations=tuple(dict.fromkeys(ablations)), device=device).validate()
-    Q.recipes_dir()  # fail before any work when the recipes are not there
-    stages = Q.plan(settings)
+    P.recipes_dir()  # fail before any work when the recipes are not there
+    stages = P.plan(settings)
     if dry_run:
         for st in stages:
             click.echo(st.command())
         return
     ensure_output_dir(settings.out)
-    Q.write_recipes(settings)
+    P.write_recipes(settings)
 
     timings: dict[str, float] = {}
     n = len(stages)
     t_all = time.perf_counter()
-    deps = Q.dependencies(stages)
+    deps = P.dependencies(stages)
     ran: set[str] = set()  # a stage whose input stage ran again runs again too
     for i, st in enumerate(stages, 1):
         marker = st.marker(settings.out)
@@ -144,30 +145,7 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         console.print(f"      done in {seconds:.0f} s")
 
-    # ---- report
-    figs = settings.out / "figures"
-    curves = []
-    s0 = settings.out / f"seed{settings.seed}"
-    for path, title, series in (
-        (figs / "teacher_loss.png", "teacher: image-text loss",
-         {"teacher": Q.read_metrics(settings.out / "teacher" / "metrics.jsonl", "total")}),
-        (figs / "pretrain_loss.png", f"region pretraining (seed {settings.seed}): total loss",
-         {"student": Q.read_metrics(s0 / "student" / "metrics.jsonl", "total"),
-          "control": Q.read_metrics(s0 / "control" / "metrics.jsonl", "total")}),
-        (figs / "finetune_loss.png", f"fine-tuning (seed {settings.seed}): total loss",
-         {"from teacher": Q.read_metrics(s0 / "finetune_teacher" / "metrics.jsonl", "loss"),
-          "from student": Q.read_metrics(s0 / "finetune_student" / "metrics.jsonl", "loss")}),
-    ):
-        if Q.plot_curves(series, title, path):
-            curves.append(str(path.relative_to(settings.out)))
-    examples = []
-    for img in sorted((settings.out / "detect").glob("*.jpg"))[:settings.detect_images]:
-        examples.append(str(img.relative_to(settings.out)))
-    commands = [st.command() for st in stages]
-    report = Q.build_report(settings, timings, commands)
-    report["figures"] = {"curves": curves, "examples": examples}
-    atomic_write_json(settings.out / "report.json", report, indent=1)
-    atomic_write_text(settings.out / "report.md", Q.render_markdown(report, curves, examples))
+    report = R.write_report(settings, stages, timings)
 
     table = Table(title="RegionCLIP on ShapesWorld", title_justify="left")
     table.add_column("measure")
@@ -178,13 +156,10 @@ def quickstart(out: Path, seed: int, seeds: int, nproc: int, ablations: tuple[st
                        ("zero-shot RPN AP50", "zero_shot_rpn_ap50_{}"), ("image-level acc %", "image_level_acc_{}"),
                        ("fine-tuned novel AP50", "finetune_ap50_novel_{}_init"),
                        ("fine-tuned all AP50", "finetune_ap50_all_{}_init")):
-        table.add_row(label, *(Q._fmt(report.get(key.format(w))) for w in ("teacher", "student", "control")))
+        table.add_row(label, *(R._fmt(report.get(key.format(w))) for w in ("teacher", "student", "control")))
     console.print(table)
     for e in report["effects"]:
         mark = {True: "[green]holds[/]", False: "[red]does not hold[/]", None: "n/a"}[e["holds"]]
-        console.print(f"{mark}: {e['claim']} (measured {Q._fmt(report.get(e['key']))})")
+        console.print(f"{mark}: {e['claim']} (measured {R._fmt(report.get(e['key']))})")
     console.print(f"total {time.perf_counter() - t_all:.0f} s this run; wrote {settings.out / 'report.md'} "
                   f"and {settings.out / 'report.json'}")
-
-
-

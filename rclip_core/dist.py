@@ -1,22 +1,18 @@
-"""Process-group setup for one-process and torchrun training, and the torchrun launcher.
+"""Process-group state for one-process and torchrun runs: rank, world size, barrier, main first.
 
-``rclip pretrain --nproc N`` relaunches itself through :func:`launch_torchrun`; each worker
-then calls :func:`init_distributed`, which reads the environment torchrun sets (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables everything here is
-a no-op, so the same training loop runs on one process.
+Each worker started by torchrun (``rclip pretrain --nproc N`` relaunches itself through
+``rclip_cli._torchrun``) calls :func:`init_distributed`, which reads the environment torchrun
+sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables
+everything here is a no-op, so the same code runs on one process.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -33,9 +29,7 @@ __all__ = [
     "barrier",
     "all_reduce_mean",
     "cleanup",
-    "free_port",
-    "torchrun_command",
-    "launch_torchrun",
+    "main_process_first",
 ]
 
 
@@ -158,6 +152,40 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _local_rank() -> int:
+    value = os.environ.get("LOCAL_RANK")
+    try:
+        return int(value) if value is not None else get_rank()
+    except ValueError:
+        return get_rank()
+
+
+@contextmanager
+def main_process_first(local: bool = True) -> Iterator[bool]:
+    """Run the block on the main process first, then on the others.
+
+    For work whose result the other processes then reuse (a download, a cache file, a
+    vocabulary's text embeddings): the main process enters the block while the others wait at
+    a barrier; once it leaves the block, they run it (finding its results). A no-op in a single
+    process. Every process must enter the block, or the barriers hang.
+
+    Args:
+        local: True (default) for the main process of this node (LOCAL_RANK 0), the one that
+            shares a file system with the node's other workers; False for global rank 0.
+
+    Yields:
+        True on the process that goes first.
+    """
+    first = (_local_rank() if local else get_rank()) == 0
+    if not first:
+        barrier()
+    try:
+        yield first
+    finally:
+        if first:
+            barrier()
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -196,89 +224,3 @@ def cleanup() -> None:
     """Leave the process group (call at the end of every worker, also after errors)."""
     if _ready():
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def torchrun_command(
-    nproc: int,
-    module_args: Sequence[str],
-    extra_torchrun_args: Sequence[str] = (),
-    module: str = "rclip_cli",
-    port: int | None = None,
-) -> list[str]:
-    """The command line :func:`launch_torchrun` runs (exposed for tests and ``--dry-run``).
-
-    Single-node rendezvous on ``127.0.0.1:<free port>`` (what ``--standalone`` does, but with an
-    explicit port so the workers' MASTER_PORT is known).
-    """
-    if int(nproc) < 1:
-        raise InputError(f"--nproc must be at least 1, got {nproc}")
-    port = free_port() if port is None else int(port)
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
-        "--nproc_per_node", str(int(nproc)),
-        "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", f"127.0.0.1:{port}",
-        *map(str, extra_torchrun_args),
-        "-m", module,
-        *map(str, module_args),
-    ]
-
-
-def launch_torchrun(
-    nproc: int,
-    module_args: Sequence[str],
-    extra_torchrun_args: Sequence[str] = (),
-    module: str = "rclip_cli",
-    env: Mapping[str, str] | None = None,
-) -> int:
-    """Run ``python -m torch.distributed.run --nproc_per_node N -m <module> <module_args>``.
-
-    The workers inherit stdout/stderr. The workers see LOCAL_RANK/WORLD_SIZE, so a command
-    that relaunches itself must check :func:`launched_by_torchrun` first.
-
-    Args:
-        nproc: processes on this node.
-        module_args: arguments after ``-m <module>``, e.g. ``["pretrain", "recipe.yaml"]``.
-        extra_torchrun_args: extra torchrun options placed before ``-m``.
-        module: the Python module to run (default the rclip CLI).
-        env: extra environment variables for the workers.
-
-    Returns:
-        torchrun's exit code (0 when every worker succeeded).
-    """
-    cmd = torchrun_command(nproc, module_args, extra_torchrun_args, module)
-    child_env = dict(os.environ)
-    if env:
-        child_env.update({k: str(v) for k, v in env.items()})
-    # torchrun would otherwise warn and force 1 thread per worker; respect an explicit choice
-    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, int(nproc)))))
-    proc = subprocess.Popen(cmd, env=child_env)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # a scheduler's SIGTERM (preemption) must reach torchrun, which forwards it to the
-        # workers so that they can save a checkpoint and exit
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C reached torchrun too (same process group): let it stop its workers
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                return proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                return proc.wait()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

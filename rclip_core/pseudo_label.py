@@ -1,45 +1,25 @@
-"""Teacher pseudo labels for region-text pretraining (spec 4.3), written as sharded, resumable
-safetensors files that the pretraining engine reads with :class:`PseudoLabelShards`.
+"""Teacher pseudo labels for region-text pretraining, written as sharded, resumable shards
+(:mod:`rclip_core.data.shards`) that pretraining reads with ``PseudoLabelShards``.
 
-For every image: proposals (the offline RPN with the PRETRAINING settings - NMS 0.5, ``rpn_topk``
-(300) after NMS - then ``regions_per_image`` (100) drawn with a seeded ``randperm``; or random
-grid-aligned boxes), the teacher's region embeddings (trunk once, RoIAlign + res5 + attention
-pool per box), p = softmax(cos(region, concept) / T) over the whole concept pool (T = 0.01), the argmax concept
-as the label, kept when max p > threshold (0.1, strict) - or every region of the image when none
-passes - and optionally the teacher's top-k logits (cos / T) for distillation.
+The labels are the official code's ``clip_rcnn.py: PretrainFastRCNN.get_psuedo_concept_labels``
+(paper Sec. 3.1, region-text pairs from the teacher), computed once offline instead of at every
+training step. For every image: proposals (``PretrainFastRCNN.get_region_proposals``: the
+offline RPN with the PRETRAINING settings - NMS 0.5 (``OFFLINE_RPN_NMS_THRESH``), ``rpn_topk``
+(300, ``PRETRAIN_RPN_REGIONS``) after NMS - then ``regions_per_image`` (100,
+``PRETRAIN_SAMPLE_REGIONS``) drawn with a seeded ``randperm``; or random grid-aligned boxes,
+``CROP_REGION_TYPE RANDOM``), the teacher's region embeddings (trunk once, RoIAlign + res5 +
+attention pool per box), p = softmax(cos(region, concept) / T) over the whole concept pool
+(T = 0.01, ``s_temp``), the argmax concept as the label, kept when max p > threshold (0.1,
+``CONCEPT_THRES``, strict) - or every region of the image when none passes - and optionally the
+teacher's top-k logits (cos / T) for distillation.
 
 Determinism: each image is processed on its own (never padded into a batch with others) and its
 random draws are seeded by ``(seed, image key)``, so an image's labels do not depend on the
 shard size, the number of processes, or on whether the run was interrupted and resumed.
 
-Output directory layout (format ``rclip-pseudo-labels``, version 1)::
-
-    OUT/index.json              settings, concept names, finished shards, "complete"
-    OUT/shard-00000.safetensors images 0 .. S-1 of the data (S = shard size), in data order
-    OUT/shard-00001.safetensors ...
-
-Shard tensors (R = regions of all images of the shard, rows grouped by image in image order):
-
-    image_index  [R] int64    row -> position in the shard's image list
-    boxes        [R, 4] f32   XYXY in ORIGINAL image pixels
-    target       [R] int64    argmax concept index (for every region, kept or not)
-    max_prob     [R] f32      the teacher's top probability
-    keep         [R] bool     max_prob > threshold; all True for an image where none passes
-    topk_inds    [R, k] int64 (topk > 0) the teacher's k best concepts, best first
-    topk_logits  [R, k] f32   (topk > 0) their logits cos / T
-    embeddings   [R, D] f16   (save_embeddings) unnormalised teacher region embeddings
-
-Shard safetensors metadata (strings): ``images`` (JSON list of image keys: the image path
-relative to the data root, as written in the captions / COCO file), ``shard`` (its number),
-``offsets`` (JSON, n+1 row offsets), ``sizes`` (JSON [[h, w], ...] original sizes),
-``record_keys`` (JSON, the data records' own keys, e.g. the image id, usable as aliases),
-``failed`` (JSON {position: message} for images that could not be read: they have no rows) and
-``settings_sha256``.
-
-Writes are atomic (temporary file + rename): a shard file with its final name is complete. The
-index is rewritten after every shard. A rerun with the same settings skips valid shards; with
-other settings it is refused (``overwrite=True`` starts over). With ``world_size`` W > 1, rank r
-labels shards r, r+W, ...; rank 0 writes the final index after a barrier.
+A rerun with the same settings skips valid shards; with other settings it is refused
+(``overwrite=True`` starts over). With ``world_size`` W > 1, rank r labels shards r, r+W, ...;
+rank 0 writes the final index after a barrier.
 
 Note on the keep fallback: the official code keeps every region when none of the regions of the
 whole per-GPU batch (3 images) passes; here the fallback is per image (the shards do not know the
@@ -53,55 +33,39 @@ import json
 import os
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from rclip_core import __version__
-from rclip_core.data.transforms import MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, boxes_to_original
+from rclip_core.data.images import MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, boxes_to_original
+from rclip_core.data.shards import (FORMAT, INDEX_FILE, VERSION, ImageItem, ImageList, index_record, is_shard_file,
+                                    read_shard_meta, relative_key, shard_name, write_shard)
+from rclip_core.dist import barrier, get_rank, get_world_size
 from rclip_core.errors import InputError, RuntimeFailure
-from rclip_core.fileio import atomic_write, atomic_write_json, read_json
+from rclip_core.fileio import atomic_write_json, read_json
 from rclip_core.losses import pseudo_label_regions, teacher_concept_logits, topk_teacher
 
 __all__ = [
-    "FORMAT",
-    "VERSION",
     "PROPOSAL_MODES",
-    "INDEX_FILE",
     "LabelSettings",
-    "ImageItem",
-    "ImageList",
     "collect_label_images",
+    "dataset_label_images",
     "image_seed",
     "image_proposals",
     "label_image",
     "PseudoLabeler",
     "LabelPlan",
     "LabelSummary",
-    "PseudoLabelShards",
-    "shard_statistics",
-    "render_image_labels",
-    "shard_name",
 ]
 
-FORMAT = "rclip-pseudo-labels"
-SHARD_FORMAT = "rclip-pseudo-labels-shard"
-VERSION = 1
 PROPOSAL_MODES = ("rpn", "random")
-INDEX_FILE = "index.json"
-PRETRAIN_RPN_REGIONS = 300  # PRETRAIN_RPN_REGIONS: proposals kept after NMS before sampling
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 Progress = Callable[[int], None]
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +75,8 @@ def shard_name(i: int) -> str:
 @dataclass(frozen=True)
 class LabelSettings:
     """What decides the labels (all but ``chunk_size`` and ``workers`` are part of the settings
-    a resumed run must share). Defaults are the official pretraining values (spec 4.3)."""
+    a resumed run must share). Defaults are the official pretraining values
+    (``configs/pretrain/RegionCLIP_RN50.yaml``, ``clip_rcnn.py: PretrainFastRCNN``)."""
 
     proposals: str = "rpn"  # rpn | random
     regions_per_image: int = 100  # PRETRAIN_SAMPLE_REGIONS
@@ -157,36 +122,6 @@ class LabelSettings:
 # the images to label
 
 
-@dataclass(frozen=True)
-class ImageItem:
-    """One image: ``key`` = its path relative to the data root (the shards' key), ``path`` = the
-    file to read, ``record_key`` = the data record's own key (image id), an alias for lookups."""
-
-    key: str
-    path: str
-    record_key: str | None = None
-
-
-@dataclass
-class ImageList:
-    items: list[ImageItem]
-    data_root: str  # absolute; keys are relative to it
-    source: str  # e.g. "captions:/data/cc.jsonl"
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for it in self.items:
-            h.update(it.key.encode("utf-8") + b"\n")
-        return h.hexdigest()
-
-
-def _rel_key(path: str, root: str) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
-
-
 def _keyed(paths_and_ids: list[tuple[str, str | None]], root: str | None, source: str,
            max_images: int | None) -> ImageList:
     """Deduplicate by file, pick the data root (``root`` unless some image lies outside it, then
@@ -203,9 +138,9 @@ def _keyed(paths_and_ids: list[tuple[str, str | None]], root: str | None, source
     if not uniq:
         raise InputError(f"no images in {source.split(':', 1)[-1]}")
     base = os.path.abspath(root) if root is not None else None
-    if base is None or any(_rel_key(p, base).startswith("../") for p, _ in uniq):
+    if base is None or any(relative_key(p, base).startswith("../") for p, _ in uniq):
         base = os.path.commonpath([os.path.dirname(p) for p, _ in uniq])
-    items = [ImageItem(_rel_key(p, base), p, rk) for p, rk in uniq]
+    items = [ImageItem(relative_key(p, base), p, rk) for p, rk in uniq]
     first = [it.path for it in items[:16]]
     if not any(os.path.isfile(p) for p in first):
         raise InputError(f"none of the first {len(first)} images of {source.split(':', 1)[-1]} exist "
@@ -283,6 +218,25 @@ def collect_label_images(data: str | os.PathLike, images: str | os.PathLike | No
     return _keyed(pairs, root, f"captions:{p.resolve()}", max_images)
 
 
+def dataset_label_images(dataset: str, images: str | os.PathLike | None = None, split: str = "train",
+                         max_images: int | None = None) -> ImageList:
+    """The images of ``split`` of a named data set, by the names ``rclip eval`` and ``rclip
+    finetune`` take (``coco``, ``coco-ovd``, ``lvis``, ``shapes:DIR``, ``PATH.json``; see
+    :func:`rclip_core.data.datasets.dataset_images`), in the instances file's order; keys =
+    ``file_name`` under the images folder, record keys = the image ids. Images the data set
+    lists but that are not on disk are left out and counted in ``ImageList.missing``."""
+    from dataclasses import replace
+
+    from rclip_core.data.datasets import dataset_images
+
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images must be >= 1, got {max_images}")
+    ds = dataset_images(dataset, images, split)
+    pairs = [(str(r.path), str(r.image["id"])) for r in ds.present]
+    found = _keyed(pairs, str(ds.images_dir), f"{ds.name}:{split}:{Path(ds.annotations).resolve()}", max_images)
+    return replace(found, missing=len(ds.missing))
+
+
 # --------------------------------------------------------------------------------------------
 # labelling one image
 
@@ -296,10 +250,10 @@ def image_seed(seed: int, key: str) -> int:
 def _rpn_settings_for(kind: str, topk: int):
     from dataclasses import replace
 
-    from rclip_core.models.proposals import RPN_KINDS, rpn_settings
+    from rclip_core.models.proposals.offline import RPN_KINDS, rpn_settings
 
-    # NMS 0.5, `topk` kept after NMS (spec 4.3: 300); a detector's trained RPN (one level) takes the
-    # FPN values
+    # NMS 0.5, `topk` kept after NMS (PRETRAIN_RPN_REGIONS: 300); a detector's trained RPN (one
+    # level) takes the FPN values
     s = rpn_settings("pretraining", kind if kind in RPN_KINDS else "lvis_866_fpn")
     return replace(s, post_nms_topk=int(topk))
 
@@ -310,13 +264,13 @@ def image_proposals(model, prep: PreparedImage, key: str, settings: LabelSetting
     ``rpn``: the model's offline RPN (its ``settings`` must be the pretraining preset, see
     :class:`PseudoLabeler`), then ``randperm(len)[:n]`` as ``PRETRAIN_SAMPLE_REGIONS``; fewer
     proposals than n are all kept. ``random``: n grid-aligned random boxes
-    (:func:`rclip_core.models.proposals.random_boxes`). Both draw from a generator seeded with
+    (:func:`rclip_core.models.proposals.boxes.random_boxes`). Both draw from a generator seeded with
     :func:`image_seed`.
     """
     g = torch.Generator().manual_seed(image_seed(settings.seed, key))
     n = settings.regions_per_image
     if settings.proposals == "random":
-        from rclip_core.models.proposals import random_boxes
+        from rclip_core.models.proposals.boxes import random_boxes
 
         return random_boxes(prep.size, n, g).float()
     if model.rpn is None:
@@ -340,7 +294,8 @@ def _autocast(device: torch.device, precision: str):
 
 def label_image(model, prep: PreparedImage, key: str, concept_emb: Tensor, settings: LabelSettings
                 ) -> dict[str, Tensor]:
-    """Pseudo labels of one image (spec 4.3 steps 1, 3-5).
+    """Pseudo labels of one image (``clip_rcnn.py: PretrainFastRCNN.get_psuedo_concept_labels``
+    on one image's proposals).
 
     Args:
         model: the teacher :class:`~rclip_core.models.regionclip.RegionCLIP` (eval mode).
@@ -390,49 +345,7 @@ def _empty_image(settings: LabelSettings, k: int, dim: int) -> dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------------------------
-# shards on disk
-
-
-def _shard_meta(path: Path) -> dict[str, Any] | None:
-    """The parsed metadata of a shard file, or None when it is unreadable / not a shard."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-        if meta.get("format") != SHARD_FORMAT:
-            return None
-        out = {"shard": int(meta["shard"]), "images": json.loads(meta["images"]),
-               "offsets": json.loads(meta["offsets"]), "sizes": json.loads(meta["sizes"]),
-               "record_keys": json.loads(meta.get("record_keys", "null")),
-               "failed": {int(k): v for k, v in json.loads(meta.get("failed", "{}")).items()},
-               "settings_sha256": meta.get("settings_sha256", ""), "tensors": keys}
-        out["num_regions"] = int(out["offsets"][-1]) if out["offsets"] else 0
-        return out
-    except Exception:  # noqa: BLE001 - a corrupt or foreign file is simply not a valid shard
-        return None
-
-
-def _write_shard(path: Path, i: int, items: Sequence[ImageItem], results: Sequence[dict[str, Tensor]],
-                 sizes: Sequence[tuple[int, int]], failed: dict[int, str], settings_sha: str) -> int:
-    from safetensors.torch import save_file
-
-    counts = [int(r["target"].shape[0]) for r in results]
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    tensors = {name: torch.cat([r[name] for r in results]).contiguous() for name in results[0]}
-    tensors["image_index"] = torch.repeat_interleave(torch.arange(len(results), dtype=torch.long),
-                                                     torch.tensor(counts, dtype=torch.long))
-    meta = {"format": SHARD_FORMAT, "version": str(VERSION), "shard": str(i),
-            "images": json.dumps([it.key for it in items], ensure_ascii=False),
-            "record_keys": json.dumps([it.record_key for it in items], ensure_ascii=False),
-            "offsets": json.dumps(offsets), "sizes": json.dumps([list(s) for s in sizes]),
-            "failed": json.dumps({str(k): v for k, v in failed.items()}, ensure_ascii=False),
-            "settings_sha256": settings_sha}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return offsets[-1]
+# a labelling run
 
 
 @dataclass
@@ -497,8 +410,6 @@ class PseudoLabeler:
                                  "pass --rpn-weights rpn_lvis_866.pth, or use --proposals random")
             model.rpn.settings = _rpn_settings_for(model.rpn.kind, settings.rpn_topk)
         if rank is None or world_size is None:
-            from rclip_core.engine.distributed import get_rank, get_world_size
-
             rank, world_size = get_rank(), get_world_size()
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_shards = (len(images) + settings.shard_size - 1) // settings.shard_size
@@ -517,7 +428,7 @@ class PseudoLabeler:
         rpn = None
         if s.proposals == "rpn":
             st = m.rpn.settings
-            rpn = {"kind": m.rpn.kind, "nms_thresh": st.nms_thresh, "pre_nms_topk": st.pre_nms_topk,
+            rpn = {"kind": m.rpn.kind, "nms_thresh": st.nms, "pre_nms_topk": st.pre_nms_topk,
                    "post_nms_topk": st.post_nms_topk}
         h: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "teacher": m.info.source, "architecture": m.arch.name,
@@ -571,7 +482,7 @@ class PseudoLabeler:
         cached = self._meta_cache.get(path.name)
         if cached is not None and cached[0] == sig:
             return cached[1]
-        meta = _shard_meta(path)
+        meta = read_shard_meta(path)
         if meta is not None:
             expected = [it.key for it in self._shard_items(i)]
             if (meta["shard"] != i or meta["settings_sha256"] != self.header["settings_sha256"]
@@ -589,13 +500,7 @@ class PseudoLabeler:
 
     def write_index(self, complete: bool | None = None) -> dict[str, Any]:
         """Rewrite ``index.json`` from the valid shards on disk (atomic)."""
-        done = self._scan()
-        shards = [{"file": shard_name(i), "shard": i, "num_images": len(m["images"]),
-                   "num_regions": m["num_regions"]} for i, m in sorted(done.items())]
-        index = {**self.header, "complete": len(done) == self.num_shards if complete is None else complete,
-                 "shards": shards, "images_done": sum(s["num_images"] for s in shards),
-                 "images_failed": sum(len(m["failed"]) for m in done.values()),
-                 "regions_total": sum(s["num_regions"] for s in shards)}
+        index = index_record(self.header, self._scan(), self.num_shards, complete)
         atomic_write_json(self.out / INDEX_FILE, index, indent=1)
         return index
 
@@ -604,14 +509,12 @@ class PseudoLabeler:
         """Check the output directory (refuse other settings unless ``overwrite``), remove what a
         killed run left (temporary files; with ``overwrite`` every shard and the index), write
         the initial index (rank 0), wait for every process, and plan this process's shards."""
-        from rclip_core.engine.distributed import barrier
-
         if not overwrite:
             self._check_existing()
             for i in range(self.num_shards):
                 path = self.out / shard_name(i)
                 if path.exists() and self._valid_meta(i) is None:
-                    meta = _shard_meta(path)
+                    meta = read_shard_meta(path)
                     if meta is not None and meta["settings_sha256"] != self.header["settings_sha256"]:
                         raise InputError(f"{self.out} holds shards labelled with other settings "
                                          f"(e.g. {path.name})",
@@ -621,7 +524,7 @@ class PseudoLabeler:
             for f in self.out.iterdir():
                 if f.name.startswith((".shard-", f".{INDEX_FILE}.")) and f.name.endswith(".tmp"):
                     f.unlink(missing_ok=True)  # what a killed run was writing
-                elif overwrite and (_SHARD_RE.match(f.name) or f.name == INDEX_FILE):
+                elif overwrite and (is_shard_file(f.name) or f.name == INDEX_FILE):
                     f.unlink(missing_ok=True)
             self._meta_cache.clear()
             self.write_index(complete=False)
@@ -636,7 +539,7 @@ class PseudoLabeler:
 
     def label_shard(self, i: int, progress: Progress | None = None) -> tuple[int, int, list[tuple[str, str]]]:
         """Label the images of shard ``i`` and write it. Returns (regions, kept, failures)."""
-        from rclip_core.pipeline import prefetch_images
+        from rclip_core.inference import prefetch_images
 
         items = self._shard_items(i)
         s = self.settings
@@ -657,8 +560,9 @@ class PseudoLabeler:
                 sizes.append((0, 0))
             if progress is not None:
                 progress(1)
-        regions = _write_shard(self.out / shard_name(i), i, items, results, sizes, failed,
-                               self.header["settings_sha256"])
+        regions = write_shard(self.out / shard_name(i), i, [it.key for it in items],
+                              [it.record_key for it in items], results, sizes, failed,
+                              self.header["settings_sha256"])
         kept = sum(int(r["keep"].sum()) for r in results)
         return regions, kept, [(items[p].key, m) for p, m in failed.items()]
 
@@ -667,8 +571,6 @@ class PseudoLabeler:
         """Label ``plan.shards``, rewriting the index after each; then (after a barrier) rank 0
         writes the final index. ``progress(n)`` counts images, ``on_shard(i)`` follows each
         finished shard."""
-        from rclip_core.engine.distributed import barrier
-
         t0 = time.perf_counter()
         images = regions = kept = 0
         failed: list[tuple[str, str]] = []
@@ -693,221 +595,3 @@ class PseudoLabeler:
                             self.num_shards, index)
 
 
-# --------------------------------------------------------------------------------------------
-# reading (the pretraining engine's side)
-
-
-class PseudoLabelShards:
-    """Read a pseudo-label directory: ``lookup(image_key)`` -> that image's tensors.
-
-    Keys are the image keys of the index (the path relative to the data root, e.g.
-    ``"train/000001.jpg"``); :meth:`lookup` also accepts the data records' own keys (e.g. the
-    image id a caption file gives, when unambiguous) and absolute paths under the data root.
-
-    ``lookup`` returns ``boxes`` [n, 4] float32 (original pixels), ``target`` [n] int64,
-    ``max_prob`` [n] float32, ``keep`` [n] bool, ``image_size`` [2] int64 (original h, w; 0, 0
-    for an image that failed to load, which has n = 0), and ``topk_inds`` / ``topk_logits``
-    [n, k] and ``embeddings`` [n, D] float16 when the run stored them. Rows are read lazily
-    from the memory-mapped shard (cheap per image; safe in DataLoader workers).
-
-    ``require_complete``: refuse a directory whose run has not finished (default).
-    """
-
-    def __init__(self, root: str | os.PathLike, require_complete: bool = True):
-        self.root = Path(root)
-        idx_path = self.root / INDEX_FILE
-        if not self.root.is_dir():
-            raise InputError(f"pseudo-label directory not found: {self.root}")
-        if not idx_path.is_file():
-            raise InputError(f"{self.root} has no {INDEX_FILE}: not a pseudo-label directory",
-                             "make one with: rclip pseudo-label DATA --out DIR")
-        index = read_json(idx_path, what="pseudo-label index")
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise InputError(f"{idx_path} is not a pseudo-label index (format {index.get('format')!r})"
-                             if isinstance(index, dict) else f"{idx_path} is not a pseudo-label index")
-        if index.get("version") != VERSION:
-            raise InputError(f"{self.root} is pseudo-label format version {index.get('version')}, "
-                             f"this rclip reads version {VERSION}")
-        if require_complete and not index.get("complete"):
-            raise InputError(f"{self.root} is incomplete ({len(index.get('shards', []))} of "
-                             f"{index.get('num_shards', '?')} shards)",
-                             "rerun the same `rclip pseudo-label` command to finish it")
-        self.index = index
-        self.concepts: list[str] = list(index["concepts"])
-        self.topk: int = int(index.get("topk", 0))
-        self.data_root: str | None = index.get("data_root")
-        self.shard_files = [self.root / s["file"] for s in index.get("shards", [])]
-        self._metas: list[dict] | None = None
-        self._where: dict[str, tuple[int, int]] = {}
-        self._alias: dict[str, str] = {}
-        self._handles: dict[int, tuple[int, Any]] = {}
-
-    # -- metadata ---------------------------------------------------------------------------
-    def _load(self) -> list[dict]:
-        if self._metas is None:
-            metas = []
-            alias_count: Counter[str] = Counter()
-            aliases: dict[str, str] = {}
-            for s, path in enumerate(self.shard_files):
-                meta = _shard_meta(path)
-                if meta is None:
-                    raise InputError(f"pseudo-label shard {path} is missing or corrupt",
-                                     "rerun the `rclip pseudo-label` command to rewrite it")
-                metas.append(meta)
-                rks = meta["record_keys"] or [None] * len(meta["images"])
-                for j, (key, rk) in enumerate(zip(meta["images"], rks)):
-                    self._where[key] = (s, j)
-                    if rk is not None and rk != key:
-                        alias_count[rk] += 1
-                        aliases[rk] = key
-            self._alias = {a: k for a, k in aliases.items() if alias_count[a] == 1 and a not in self._where}
-            self._metas = metas
-        return self._metas
-
-    @property
-    def keys(self) -> list[str]:
-        """Image keys in data order."""
-        return [k for m in self._load() for k in m["images"]]
-
-    @property
-    def failed(self) -> dict[str, str]:
-        """Images that could not be read when labelling: key -> message."""
-        return {m["images"][p]: msg for m in self._load() for p, msg in m["failed"].items()}
-
-    def __len__(self) -> int:
-        return sum(len(m["images"]) for m in self._load())
-
-    def resolve(self, key: str | os.PathLike) -> str | None:
-        """The image key that ``key`` (image key, record key or path) names, or None."""
-        self._load()
-        k = os.fspath(key)
-        if k in self._where:
-            return k
-        if k in self._alias:
-            return self._alias[k]
-        if self.data_root and os.path.isabs(k):
-            rel = _rel_key(k, self.data_root)
-            if rel in self._where:
-                return rel
-        return None
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, (str, os.PathLike)) and self.resolve(key) is not None
-
-    # -- tensors ------------------------------------------------------------------------------
-    def _handle(self, s: int):
-        from safetensors import safe_open
-
-        pid = os.getpid()
-        h = self._handles.get(s)
-        if h is None or h[0] != pid:  # a forked DataLoader worker opens its own
-            if len(self._handles) > 16:
-                self._handles.clear()
-            h = (pid, safe_open(str(self.shard_files[s]), framework="pt"))
-            self._handles[s] = h
-        return h[1]
-
-    def lookup(self, key: str | os.PathLike) -> dict[str, Tensor]:
-        """The labels of one image (see the class docstring); KeyError if it is not labelled."""
-        k = self.resolve(key)
-        if k is None:
-            raise KeyError(f"image {os.fspath(key)!r} has no pseudo labels in {self.root}")
-        s, j = self._where[k]
-        meta = self._load()[s]
-        a, b = int(meta["offsets"][j]), int(meta["offsets"][j + 1])
-        f = self._handle(s)
-        out = {name: f.get_slice(name)[a:b] for name in sorted(meta["tensors"]) if name != "image_index"}
-        out["image_size"] = torch.tensor(meta["sizes"][j], dtype=torch.long)
-        return out
-
-    def load_shard(self, s: int) -> tuple[list[str], dict[str, Tensor]]:
-        """All tensors of the ``s``-th finished shard and its image keys."""
-        from safetensors.torch import load_file
-
-        meta = self._load()[s]
-        return list(meta["images"]), load_file(str(self.shard_files[s]))
-
-    def __iter__(self) -> Iterator[tuple[str, dict[str, Tensor]]]:
-        """(image key, labels) in data order, one shard in memory at a time."""
-        for s, meta in enumerate(self._load()):
-            keys, t = self.load_shard(s)
-            offsets = meta["offsets"]
-            for j, key in enumerate(keys):
-                a, b = offsets[j], offsets[j + 1]
-                out = {n: v[a:b] for n, v in t.items() if n != "image_index"}
-                out["image_size"] = torch.tensor(meta["sizes"][j], dtype=torch.long)
-                yield key, out
-
-
-# --------------------------------------------------------------------------------------------
-# inspection
-
-
-def shard_statistics(shards: PseudoLabelShards, top: int = 15) -> dict[str, Any]:
-    """Summary of a pseudo-label directory: images, regions per image, kept fraction, mean top
-    probability (all / kept regions), the ``top`` most frequent concepts among kept regions."""
-    n_images = n_regions = n_kept = 0
-    sum_p = sum_p_kept = 0.0
-    fallback = 0
-    per_image: list[int] = []
-    counts: Counter[int] = Counter()
-    for s, meta in enumerate(shards._load()):
-        _, t = shards.load_shard(s)
-        n_images += len(meta["images"])
-        offsets = meta["offsets"]
-        per_image += [offsets[j + 1] - offsets[j] for j in range(len(meta["images"])) if j not in meta["failed"]]
-        keep, p = t["keep"], t["max_prob"]
-        n_regions += int(keep.shape[0])
-        n_kept += int(keep.sum())
-        sum_p += float(p.double().sum())
-        sum_p_kept += float(p[keep].double().sum())
-        counts.update(t["target"][keep].tolist())
-        thr = float(shards.index.get("threshold", 0.1))
-        for j in range(len(meta["images"])):
-            a, b = offsets[j], offsets[j + 1]
-            if b > a and not bool((p[a:b] > thr).any()):
-                fallback += 1
-    names = shards.concepts
-    return {
-        "images": n_images, "images_failed": len(shards.failed), "regions": n_regions, "kept": n_kept,
-        "kept_fraction": n_kept / n_regions if n_regions else 0.0,
-        "regions_per_image": {"mean": sum(per_image) / len(per_image) if per_image else 0.0,
-                              "min": min(per_image, default=0), "max": max(per_image, default=0)},
-        "mean_max_prob": sum_p / n_regions if n_regions else 0.0,
-        "mean_max_prob_kept": sum_p_kept / n_kept if n_kept else 0.0,
-        "images_all_kept_fallback": fallback,
-        "concepts_used": len(counts), "concepts_total": len(names),
-        "top_concepts": [(names[c], n) for c, n in counts.most_common(top)],
-        "complete": bool(shards.index.get("complete")),
-        "shards": len(shards.shard_files), "num_shards": shards.index.get("num_shards"),
-    }
-
-
-def render_image_labels(shards: PseudoLabelShards, key: str, max_boxes: int = 8, image_path: str | None = None,
-                        min_side: int = 384):
-    """The image ``key`` with its labels drawn: for each concept among its kept regions, the
-    most confident region (so that one frequent concept does not hide the others), at most
-    ``max_boxes``, best first, tagged "concept probability". Images smaller than ``min_side``
-    are enlarged so the tags stay legible. Returns a PIL image; raises InputError when the image
-    file (under the index's data root, or ``image_path``) cannot be read."""
-    from PIL import Image
-
-    from rclip_core.data.transforms import read_image
-    from rclip_core.viz import draw_detections
-
-    labels = shards.lookup(key)
-    if image_path is None:
-        k = shards.resolve(key) or os.fspath(key)
-        image_path = k if os.path.isabs(k) else os.path.join(shards.data_root or "", k)
-    img = read_image(image_path)
-    keep = labels["keep"]
-    boxes, target, prob = labels["boxes"][keep], labels["target"][keep], labels["max_prob"][keep]
-    best: dict[int, int] = {}
-    for i in prob.argsort(descending=True).tolist():
-        best.setdefault(int(target[i]), i)
-    order = torch.tensor(list(best.values())[:max_boxes], dtype=torch.long)
-    scale = max(1.0, min_side / max(1, min(img.size)))
-    if scale > 1.0:
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
-    return draw_detections(img, (boxes[order] * scale).tolist(), [shards.concepts[c] for c in target[order].tolist()],
-                           prob[order].tolist(), target[order].tolist())
