@@ -1,6 +1,6 @@
 """Speed and memory of ``rclip detect`` against the official RegionCLIP code (issue 7).
 
-Runs the detect path end to end through ``rclip_core.pipeline.ZeroShotPipeline`` on
+Runs the detect path end to end through ``rclip_core.inference.ZeroShotPipeline`` on
 ``tests/data/sample_img1.jpg`` (1920x1080, resized to 1333x750 as the detector does) with an
 RN50 RegionCLIP (random weights: speed does not depend on them; no text tower, as with the
 released ``regionclip_pretrained-*`` files) and 65 class embeddings, in these configurations:
@@ -43,13 +43,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_name, peak_rss_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO / "tests" / "data" / "sample_img1.jpg"
@@ -67,20 +69,6 @@ OFFICIAL_PEAK_ALL_BOXES = 1.79  # measured at 300 boxes: the bound for every giv
 TARGET = {"fp32": 1.5, "bf16": 3.0}
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 # --------------------------------------------------------------------------- one configuration
 def run_child(config: str, precision: str, path: str, args: argparse.Namespace) -> dict:
     """Measure one configuration in this process; returns samples, medians and memory."""
@@ -88,11 +76,12 @@ def run_child(config: str, precision: str, path: str, args: argparse.Namespace) 
     import torch
 
     torch.set_num_threads(args.threads)
-    from rclip_core.data.transforms import boxes_to_original, load_image
+    from rclip_core.data.images import boxes_to_original, load_image
     from rclip_core.models.clip import get_architecture
-    from rclip_core.models.proposals import build_offline_rpn, random_boxes
+    from rclip_core.models.proposals.boxes import random_boxes
+    from rclip_core.models.proposals.offline import build_offline_rpn
     from rclip_core.models.regionclip import RegionCLIP
-    from rclip_core.pipeline import DetectOptions, ZeroShotPipeline
+    from rclip_core.inference import DetectOptions, ZeroShotPipeline
 
     torch.manual_seed(args.seed)
     model = RegionCLIP(get_architecture(args.model), with_text=False).eval()

@@ -48,7 +48,7 @@ def _rn50_data(tmp: Path) -> list[str]:
     """The demo photos as a 2-image COCO data set (3 boxes each) and a random C4 RPN file."""
     import torch
 
-    from rclip_core.models.proposals import build_offline_rpn
+    from rclip_core.models.proposals.offline import build_offline_rpn
 
     images = tmp / "photos"
     images.mkdir()

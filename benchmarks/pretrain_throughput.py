@@ -80,7 +80,7 @@ def random_rpn_file(path: Path) -> Path:
     """An LVIS-866 R50-FPN offline RPN with random weights, saved as a standalone rpn_*.pth."""
     import torch
 
-    from rclip_core.models.proposals import build_offline_rpn
+    from rclip_core.models.proposals.offline import build_offline_rpn
 
     torch.manual_seed(0)
     torch.save(build_offline_rpn("lvis_866_fpn").state_dict(), path)

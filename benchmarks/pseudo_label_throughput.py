@@ -1,6 +1,6 @@
 """Pseudo-labelling throughput of a teacher on CPU, and what it means for CC3M.
 
-For each model it times :func:`rclip_core.pseudo_labels.label_image` on one image - proposals,
+For each model it times :func:`rclip_core.pseudo_label.label_image` on one image - proposals,
 trunk once, RoIAlign + res5 + attention pool for every box, softmax(cos / 0.01) over the concept
 pool, argmax / threshold / top-k - and, separately, its stages; median of ``--repeats`` runs
 after ``--warmup``. Decoding and resizing are timed apart (the CLI overlaps them with the model
@@ -56,7 +56,7 @@ def load_avg() -> str:
 
 def shapes_image(size: int):
     from rclip_core.data.shapes import ShapesConfig, render_scene
-    from rclip_core.data.transforms import resize_image
+    from rclip_core.data.images import resize_image
 
     scene = render_scene(ShapesConfig(image_size=size), seed=0, split="val", index=0)
     return resize_image(scene.to_pil(), size, max(1333, size))
@@ -76,8 +76,8 @@ def timed(fn, repeats: int, warmup: int) -> float:
 def bench_model(arch: str, prep, key: str, boxes: int, concepts: int, repeats: int, warmup: int,
                 decode=None) -> dict:
     from rclip_core.losses import pseudo_label_regions
-    from rclip_core.models.regionclip import load_model
-    from rclip_core.pseudo_labels import LabelSettings, image_proposals, label_image
+    from rclip_core.weights.loaders import load_model
+    from rclip_core.pseudo_label import LabelSettings, image_proposals, label_image
 
     model = load_model(model=arch, random_init=True)
     g = torch.Generator().manual_seed(0)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from rclip_core.data.transforms import load_image
+    from rclip_core.data.images import load_image
 
     rows = []
     for arch in [m.strip() for m in args.models.split(",") if m.strip()]:

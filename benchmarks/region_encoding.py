@@ -29,8 +29,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -40,6 +38,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_name, peak_rss_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO / "tests" / "data" / "sample_img1.jpg"
@@ -69,20 +70,6 @@ def official(n: int) -> dict[str, float]:
     o["crop_encode"] = OFFICIAL_CROP_PER_BOX["encode"] * n
     o["crop_total"] = o["crop"] + o["crop_encode"]
     return o
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def autocast(precision: str):
@@ -140,7 +127,7 @@ def crop_and_encode(model, pil_image, boxes_orig: torch.Tensor, precision: str, 
 
 
 def detect_path(pipe, image_path: Path, boxes_orig: np.ndarray) -> dict[str, float]:
-    from rclip_core.data.transforms import load_image
+    from rclip_core.data.images import load_image
 
     t0 = time.perf_counter()
     prep = load_image(image_path)
@@ -235,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --boxes >= 1, --repeats >= 1, --warmup >= 0 and --parts from region,crop,detect")
 
     torch.set_num_threads(args.threads)
-    from rclip_core.data.transforms import boxes_to_original, load_image, read_image
-    from rclip_core.models.proposals import random_boxes
+    from rclip_core.data.images import boxes_to_original, load_image, read_image
+    from rclip_core.models.proposals.boxes import random_boxes
     from rclip_core.models.region_encoder import RegionEncoder
-    from rclip_core.models.regionclip import load_model
-    from rclip_core.pipeline import DetectOptions, ZeroShotPipeline
+    from rclip_core.weights.loaders import load_model
+    from rclip_core.inference import DetectOptions, ZeroShotPipeline
 
     load0 = os.getloadavg()
     model = load_model(model=args.model, random_init=True, seed=args.seed)

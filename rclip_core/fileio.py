@@ -107,13 +107,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_text(path: str | os.PathLike, what: str = "text file") -> str:
-    """Read a UTF-8 text file, turning every failure into a one-line InputError naming ``what``."""
+def _existing_file(path: str | os.PathLike, what: str, expected: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} not found: {p}")
     if p.is_dir():
-        raise InputError(f"{what} {p} is a directory, expected a text file")
+        raise InputError(f"{what} {p} is a directory, expected {expected}")
+    return p
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """Read a UTF-8 text file, turning every failure into a one-line InputError naming ``what``."""
+    p = _existing_file(path, what, "a text file")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -124,11 +129,7 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON, turning every failure into a one-line InputError."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} not found: {p}")
-    if p.is_dir():
-        raise InputError(f"{what} {p} is a directory, expected a file")
+    p = _existing_file(path, what, "a file")
     try:
         with open(p, "r", encoding="utf-8") as f:
             return json.load(f)

@@ -1,11 +1,13 @@
-"""Losses of RegionCLIP pretraining (paper eq. 2-5) and of its detector transfer (spec §6.2).
+"""Losses of RegionCLIP pretraining (paper eq. 2-5) and of its detector transfer (official
+``fast_rcnn.py: FastRCNNOutputLayers.losses``).
 
 Every loss is a pure function of tensors. Equation numbers refer to the paper
 (arXiv:2112.09106): eq. 2 region-concept contrastive, eq. 3 concept distillation (KL),
-eq. 4 image-text contrastive, eq. 5 the total pretraining loss. Section numbers refer to
-``reference/regionclip-spec.md``.
+eq. 4 image-text contrastive, eq. 5 the total pretraining loss. The official code is
+``clip_roi_heads.py: PretrainRes5ROIHeads`` (region losses) and ``clip_rcnn.py: PretrainFastRCNN``
+(image-text loss, ``detectron2/utils/comm.py: gather_tensors``).
 
-Conventions shared by the pretraining losses (spec §4.3-4.4, §7 item 5-6):
+Conventions shared by the pretraining losses (``PretrainRes5ROIHeads.forward``):
 
 - embeddings are passed in *unnormalised*; every function L2-normalises what it compares,
   as the official code does, so callers can hand over raw attnpool outputs and the stored
@@ -43,12 +45,12 @@ __all__ = [
 #: Names of the pretraining terms, in the order :func:`pretraining_loss` reports them.
 LOSS_TERMS = ("region_concept_contrastive", "concept_distillation", "image_text_contrastive")
 
-#: ``CLSS_TEMP`` of the official configs (spec §0, §7 item 5).
+#: ``MODEL.CLIP.CLSS_TEMP`` of the official configs: a constant, not CLIP's learned scale.
 DEFAULT_TEMPERATURE = 0.01
 
 
 class PseudoLabels(NamedTuple):
-    """Teacher pseudo labels of one process's regions (spec §4.3 step 4-5).
+    """Teacher pseudo labels of one process's regions (``CONCEPT_THRES`` selection of ``PretrainRes5ROIHeads``).
 
     target_inds:   [R'] long, concept index of every kept region (R' = keep_mask.sum()).
     keep_mask:     [R] bool, which regions passed the confidence threshold.
@@ -77,7 +79,7 @@ def _zero_like_graph(*tensors: Tensor) -> Tensor:
 def teacher_concept_logits(
     teacher_region_emb: Tensor, concept_emb: Tensor, temperature: float = DEFAULT_TEMPERATURE
 ) -> Tensor:
-    """cos(teacher_region_i, concept_n) / T (spec §4.3 step 4); no gradient.
+    """cos(teacher_region_i, concept_n) / T (the teacher's ``s_temp``); no gradient.
 
     Args:
         teacher_region_emb: [R, D] teacher region features (unnormalised).
@@ -120,7 +122,8 @@ def pseudo_label_regions(
     temperature: float = DEFAULT_TEMPERATURE,
     threshold: float = 0.1,
 ) -> PseudoLabels:
-    """Pseudo-label regions with the teacher (spec §4.3 steps 4-5; input of paper eq. 2 and 3).
+    """Pseudo-label regions with the teacher (``PretrainRes5ROIHeads``: argmax label kept when its
+    probability > ``CONCEPT_THRES``, all kept when none passes; input of paper eq. 2 and 3).
 
     p = softmax(cos(teacher_region, teacher_concept) / T) over all N concepts; the label of a
     region is argmax_n p; the region is kept only if max_n p > ``threshold`` (strictly, as
@@ -153,7 +156,8 @@ def region_concept_contrastive(
     concept_emb: Tensor,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> Tensor:
-    """Region-concept contrastive loss, paper eq. 2, exactly as the official code (spec §4.4 b).
+    """Region-concept contrastive loss, paper eq. 2, exactly as the official code
+    (``loss_concept_contrastive``: ``MILCrossEntropy`` over the per-process R x R matrix).
 
     For the R kept regions of this process, column j of the score matrix is the (student pool)
     embedding of the concept assigned to region j, so S is R x R:
@@ -200,7 +204,7 @@ def concept_distillation(
     teacher_topk_inds: Tensor | None = None,
     teacher_topk_logits: Tensor | None = None,
 ) -> Tensor:
-    """Concept distillation, paper eq. 3: KL(p_teacher || q_student) (spec §4.4 a).
+    """Concept distillation, paper eq. 3: KL(p_teacher || q_student) (``loss_region_distill``, ``batchmean``).
 
     q = softmax(cos(s_i, concept_n) / T) over ALL N concepts of the student pool;
     loss = sum_i sum_n p_in (log p_in - log q_in) / R  (``kl_div(..., reduction='batchmean')``
@@ -268,7 +272,8 @@ def image_text_contrastive(
     temperature: float = DEFAULT_TEMPERATURE,
     gather: bool = True,
 ) -> Tensor:
-    """Image-text contrastive loss, paper eq. 4, over the GLOBAL batch (spec §4.4 c).
+    """Image-text contrastive loss, paper eq. 4, over the GLOBAL batch (``loss_img_txt_level``,
+    gathered with gradient flow over processes).
 
         S = norm(img) . norm(txt)^T / T            [G, G], G = global batch
         loss = (CE(S, diag) + CE(S^T, diag)) / 2
@@ -358,7 +363,8 @@ def focal_scaled_cross_entropy(
     gamma: float = 0.5,
     bg_weight: float | None = 0.2,
 ) -> Tensor:
-    """Focal-scaled softmax cross-entropy of the COCO transfer (spec §6.2, §7 item 14).
+    """Focal-scaled softmax cross-entropy of the COCO transfer (official
+    ``fast_rcnn.py: FastRCNNOutputs.softmax_cross_entropy_loss`` with ``USE_FOCAL_CE``; mean over N).
 
     Per RoI: ``CE_i * (1 - p_i,target)^gamma`` (p from the softmax over all K+1 logits; the
     scaling factor is NOT detached, as in the official code), background RoIs (target == K,
@@ -391,7 +397,8 @@ def focal_scaled_cross_entropy(
 
 
 def weighted_cross_entropy(logits: Tensor, targets: Tensor, bg_weight: float | None = 0.8) -> Tensor:
-    """Class-weighted softmax cross-entropy of the LVIS transfer (spec §6.2, §7 item 14).
+    """Class-weighted softmax cross-entropy of the LVIS transfer (official
+    ``fast_rcnn.py``, ``CLSS_WEIGHTS``; divided by the sum of weights).
 
     ``F.cross_entropy(logits, targets, weight=w, reduction='mean')`` with w = 1 for every
     foreground class and ``bg_weight`` for the background (last) class. PyTorch's "mean"
@@ -446,7 +453,7 @@ def pretraining_loss(
     concept_threshold: float = 0.1,
     gather: bool = True,
 ) -> dict[str, Tensor]:
-    """Total RegionCLIP pretraining loss, paper eq. 5 (spec §4.4):
+    """Total RegionCLIP pretraining loss, paper eq. 5 (the three official terms summed with weight 1):
 
         total = w_c * L_region_concept_contrastive (eq. 2)
               + w_d * L_concept_distillation       (eq. 3)

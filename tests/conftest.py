@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own rclip cache (class embeddings, downloads): nothing leaks between
+    tests or into the user's ~/.cache."""
+    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

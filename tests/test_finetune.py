@@ -24,16 +24,14 @@ from rclip_cli.main import cli
 from rclip_core.data.coco import load_instances
 from rclip_core.engine.detection_data import (DetectionTrainSet, StepSampler, TrainRecord, TrainStream,
                                               build_train_records, repeat_factors)
-from rclip_core.engine.finetune import evaluate_detector, finetune, load_finetune_recipe, resolve_data
+from rclip_core.config.finetune import load_finetune_recipe
+from rclip_core.engine.finetune import finetune
+from rclip_core.engine.tasks.detection import resolve_recipe_data as resolve_data
+from rclip_core.evaluation.protocol import evaluate_detector
 from rclip_core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_RECIPE = REPO / "recipes" / "shapes_finetune.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "rclip-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +206,7 @@ def test_finetune_cli_end_to_end_reports_novel_base_all(world, tmp_path):
     dets = json.loads((out / "eval" / "detections_00000005.json").read_text())
     assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
     # the exported detector works alone, and `rclip eval --detector` gets the same numbers
-    from rclip_core.models.detector import load_detector
+    from rclip_core.weights.loaders import load_detector
 
     det = load_detector(out / "detector.safetensors")
     assert det.class_names[:2] == ["red circle", "red square"] and det.num_train_classes == 20
@@ -226,7 +224,8 @@ _KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from rclip_core.engine.finetune import finetune, load_finetune_recipe
+    from rclip_core.config.finetune import load_finetune_recipe
+    from rclip_core.engine.finetune import finetune
 
     recipe = load_finetune_recipe(sys.argv[1], json.loads(sys.argv[2]))
 

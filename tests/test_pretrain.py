@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rclip_cli.main import cli
 from rclip_core.config import build_recipe
-from rclip_core.engine.pretrain_recipe import DataConfig, PretrainRecipe, load_pretrain_recipe
+from rclip_core.config.pretrain import DataConfig, PretrainRecipe, load_pretrain_recipe
 from rclip_core.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +33,6 @@ def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "world"
     generate_shapes_world(out, train=12, val=6, image_size=64, workers=1, seed=0)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RCLIP_CACHE", str(tmp_path / "cache"))
 
 
 def regionclip_tiny(world: Path, out: Path, **over) -> dict:
@@ -97,13 +92,13 @@ def test_paper_recipes_carry_the_paper_values():
         assert r.mode == "regionclip" and r.model.teacher.model == arch and not r.model.student.given
         assert r.max_steps == 600_000 and r.checkpoint_every == 5000 and r.model.freeze_at == 2
         assert (r.batch.global_batch, r.batch.images_per_process) == (96, 3)
-        assert r.batch.accumulation(32) == 1 and r.batch.accumulation(8) == 4 and r.batch.accumulation(1) == 32
+        assert r.batch.layout(32)[1] == 1 and r.batch.layout(8)[1] == 4 and r.batch.layout(1)[1] == 32
         o = r.optim
         assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.002, 0.9, 1e-4)
         assert (o.warmup_iters, o.warmup_factor, o.steps, o.gamma, o.clip_norm) == (1000, 0.001, [300_000, 525_000],
                                                                                      0.1, 5.0)
         assert (r.regions.source, r.regions.per_image) == ("rpn", 100)
-        assert (r.regions.rpn.post_nms_topk, r.regions.rpn.nms_thresh, r.regions.rpn.weights) == (300, 0.5,
+        assert (r.regions.rpn.post_nms_topk, r.regions.rpn.nms, r.regions.rpn.weights) == (300, 0.5,
                                                                                                    "rpn-lvis-866")
         assert (r.concepts.pool, r.concepts.embeddings, r.concepts.threshold) == ("coco-nouns", emb, 0.1)
         assert r.losses.weights() == {"region_concept_contrastive": 1.0, "concept_distillation": 1.0,
@@ -118,7 +113,7 @@ def test_paper_recipes_carry_the_paper_values():
                              {"regions.source": "random", "losses.image_text_contrastive": "0"})
     assert r.regions.source == "random" and r.losses.weights()["image_text_contrastive"] == 0.0
     with pytest.raises(InputError, match="global_batch 96 is not a multiple"):
-        r.batch.accumulation(5)
+        r.batch.layout(5)
 
 
 def test_shapes_recipes_load():
@@ -164,7 +159,7 @@ def test_bad_override_and_missing_inputs_fail_early(tmp_path, world):
 
 
 def test_image_text_mode_trains_a_clip_that_loads_as_a_teacher(tmp_path, world):
-    from rclip_core.models.regionclip import load_model
+    from rclip_core.weights.loaders import load_model
 
     out = tmp_path / "teacher"
     res = run(image_text_tiny(world, out))
@@ -180,7 +175,7 @@ def test_image_text_mode_trains_a_clip_that_loads_as_a_teacher(tmp_path, world):
     assert model.has_text and model.arch.name == "test-micro"
     assert type(model.clip.visual.bn1).__name__ == "FrozenBatchNorm2d"
     # ...that embeds images exactly as the trained CLIP does in eval mode (running BN statistics)
-    from rclip_core.engine.pretrain import ImageTextTask
+    from rclip_core.engine.tasks.image_text import ImageTextTask
 
     task = ImageTextTask(build_recipe(image_text_tiny(world, out), PretrainRecipe), torch.device("cpu"))
     task.load_trainable_state(load_file(str(out / "checkpoints" / "ckpt_00000003" / "model.safetensors")))
@@ -197,7 +192,7 @@ def test_image_text_mode_trains_a_clip_that_loads_as_a_teacher(tmp_path, world):
 
 
 def test_regionclip_mode_trains_only_the_unfrozen_student_parts(tmp_path, world):
-    from rclip_core.models.regionclip import load_model
+    from rclip_core.weights.loaders import load_model
 
     out = tmp_path / "rc"
     res = run(regionclip_tiny(world, out, max_steps=2, checkpoint_every=0))
@@ -232,13 +227,13 @@ def test_no_region_terms_and_existing_output_dir(tmp_path, world):
     assert set(metrics(out)[0]) >= {"image_text_contrastive", "total"}
     assert "concept_distillation" not in metrics(out)[0]
     assert res.final_weights is not None
-    with pytest.raises(InputError, match="already holds a run"):
+    with pytest.raises(InputError, match="already holds a pretraining run"):
         run(d)
 
 
 def test_to_resized_boxes_with_flip():
     from rclip_core.engine.data import TrainSample
-    from rclip_core.engine.pretrain import _to_resized
+    from rclip_core.engine.tasks.regionclip import _to_resized
 
     s = TrainSample(0, "k", "k", torch.zeros(3, 50, 100, dtype=torch.uint8), "c", (100, 200), (50, 100), True)
     b = _to_resized([[20.0, 10.0, 60.0, 90.0], [180.0, 0.0, 260.0, 40.0]], s)
@@ -282,7 +277,7 @@ def test_max_images_trains_on_the_first_images_pseudo_label_labels(tmp_path, wor
     keys) that ``rclip pseudo-label --max-images N`` labels, so a run over shards of a subset
     finds every label; tar shards refuse it."""
     from rclip_core.engine.data import PretrainData, ShortSideResize
-    from rclip_core.pseudo_labels import collect_label_images
+    from rclip_core.pseudo_label import collect_label_images
 
     tf = ShortSideResize((64,), 128, flip=False)
     src = [str(world / "captions_train.jsonl")]
@@ -422,7 +417,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, world):
                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run(regionclip_tiny(world, tmp_path / "one", **{**over, "batch.images_per_process": 4}))
-    from rclip_core.models.regionclip import load_model
+    from rclip_core.weights.loaders import load_model
 
     a = load_file(str(tmp_path / "two" / "final.safetensors"))
     b = load_file(str(tmp_path / "one" / "final.safetensors"))
@@ -439,9 +434,9 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, world):
 
 
 def _label_shards(world: Path, out: Path, topk: int) -> None:
-    from rclip_core.models.regionclip import load_model
+    from rclip_core.weights.loaders import load_model
     from rclip_core.models.text import class_embeddings, get_tokenizer
-    from rclip_core.pseudo_labels import LabelSettings, PseudoLabeler, collect_label_images
+    from rclip_core.pseudo_label import LabelSettings, PseudoLabeler, collect_label_images
 
     teacher = load_model(model="test-micro", random_init=True, seed=3)
     names = [c["name"] for c in json.loads((world / "instances_train.json").read_text())["categories"]]
@@ -486,3 +481,17 @@ def test_recipe_cross_checks():
         build_recipe({"data": {"captions": ["a.jsonl"]}, "model": {"teacher": {"model": "RN50-quickgelu"}},
                       "losses": {"region_concept_contrastive": 0, "concept_distillation": 0,
                                  "image_text_contrastive": 0}}, PretrainRecipe)
+
+
+def test_renamed_key_is_accepted_with_a_warning(world, tmp_path):
+    """``regions.rpn.nms_thresh`` (rclip 0.1) is ``regions.rpn.nms`` now: one name for the NMS
+    threshold on the command line, in YAML and in Python; the old one still loads, with a warning."""
+    warnings: list[str] = []
+    d = regionclip_tiny(world, tmp_path / "x")
+    d["regions"]["rpn"] = {"nms_thresh": 0.6}
+    r = build_recipe(d, PretrainRecipe, {"regions.rpn.post_nms_topk": "50"}, warnings=warnings)
+    assert r.regions.rpn.nms == 0.6 and r.regions.rpn.post_nms_topk == 50
+    assert warnings == ["recipe key 'regions.rpn.nms_thresh' is now 'regions.rpn.nms' (the old name goes in the "
+                        "next release)"]
+    r = build_recipe(regionclip_tiny(world, tmp_path / "x"), PretrainRecipe, {"regions.rpn.nms_thresh": "0.4"})
+    assert r.regions.rpn.nms == 0.4

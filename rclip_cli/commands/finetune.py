@@ -50,8 +50,11 @@ def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
 
 @rclip_command("finetune", short_help="Fine-tune an open-vocabulary detector (COCO, LVIS, your data).")
 @click.argument("args", nargs=-1, metavar="[RECIPE.yaml] [KEY=VALUE ...]")
-@click.option("--dataset", help="coco, lvis, a ShapesWorld directory, or a COCO-format instances JSON.")
-@click.option("--images", type=click.Path(), help="Image folder of --dataset (COCO root for coco/lvis).")
+@click.option("--dataset", metavar="NAME|PATH",
+              help="The names of `rclip eval`: coco-ovd (48 base / 17 novel classes), coco (80 classes, with "
+                   "--fully-supervised or --novel-classes), lvis (866 base / 337 rare), shapes:DIR (a ShapesWorld), "
+                   "or a COCO-format instances PATH.json.")
+@click.option("--images", type=click.Path(), help="Image folder of --dataset (COCO root for coco/coco-ovd/lvis).")
 @click.option("--val-dataset", help="Evaluation instances JSON (custom data; coco/lvis/ShapesWorld find their own).")
 @click.option("--val-images", type=click.Path(), help="Image folder of --val-dataset (default: --images).")
 @click.option("--novel-classes", help='Classes held out of training (open vocabulary), e.g. "cat,dog"; ids work too.')
@@ -81,19 +84,20 @@ def finetune(args, dataset, images, val_dataset, val_images, novel_classes, full
 
     \b
     Examples:
-      rclip finetune recipes/finetune_coco_ovd_rn50.yaml --dataset coco --images datasets/coco \\
+      rclip finetune recipes/finetune_coco_ovd_rn50.yaml --dataset coco-ovd --images datasets/coco \\
           --init regionclip_pretrained-cc_rn50.pth --rpn-weights rpn_coco_48.pth --nproc 8
       rclip finetune recipes/finetune_lvis_ovd_rn50.yaml --dataset lvis --images datasets/coco \\
           --init regionclip_pretrained-cc_rn50.pth --rpn-weights rpn_lvis_866_lsj.pth --nproc 8
-      rclip finetune recipes/shapes_finetune.yaml --dataset shapes/ --init regionclip.safetensors
+      rclip finetune recipes/shapes_finetune.yaml --dataset shapes:world --init student.safetensors
       rclip finetune recipes/shapes_finetune.yaml --dataset my_train.json --images imgs/ \\
           --val-dataset my_val.json --novel-classes "zebra,giraffe" --init regionclip.safetensors
       rclip finetune ... --resume                      # continue after a crash or preemption
       rclip finetune ... optim.lr=0.01 max_steps=2000  # any recipe key
     """
+    from rclip_cli._torchrun import launch_torchrun
+    from rclip_core.config.finetune import load_finetune_recipe
+    from rclip_core.dist import launched_by_torchrun
     from rclip_core.errors import InputError
-    from rclip_core.engine.distributed import launched_by_torchrun, launch_torchrun
-    from rclip_core.engine.finetune import detector_settings, load_finetune_recipe
 
     recipe_path, override_items = _split_args(args)
     if nproc < 1:
@@ -129,14 +133,15 @@ def finetune(args, dataset, images, val_dataset, val_images, novel_classes, full
             raise InputError("--fully-supervised and --novel-classes exclude each other")
         overrides["data.mode"] = "fully"
     recipe = load_finetune_recipe(recipe_path, overrides)
-    detector_settings(recipe)  # every detector/test value checked before any work
     _check_files(recipe)
 
     if dry_run:
         from rclip_core.config import dump_recipe
-        from rclip_core.engine.finetune import resolve_data
+        from rclip_core.engine.tasks.detection import resolve_recipe_data
 
-        data = resolve_data(recipe)
+        data = resolve_recipe_data(recipe)
+        for note in data.notes:
+            err_console.print(f"[bold yellow]note:[/] {note}", soft_wrap=True, highlight=False)
         console.print(dump_recipe(recipe), markup=False, highlight=False)
         console.print(f"[bold]data:[/] {data.description}; {len(data.train.images)} training images"
                       + (f", {len(data.val.images)} evaluation images" if data.val is not None else ", no evaluation set"))
@@ -170,7 +175,7 @@ def _check_files(recipe) -> None:
         if value and not Path(value).expanduser().is_file():
             raise InputError(f"{key}: file not found: {value}")
     if not recipe.data.dataset:
-        raise InputError("no data set given", "pass --dataset coco|lvis|SHAPES_DIR|train.json")
+        raise InputError("no data set given", "pass --dataset coco-ovd|coco|lvis|shapes:DIR|train.json")
     if not (recipe.init.weights or recipe.init.model):
         raise InputError("no initial weights given",
                          "pass --init regionclip_pretrained-cc_rn50.pth (or --model ARCH --random-init for a smoke test)")
@@ -198,7 +203,6 @@ def _run(recipe, device: str, resume: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from rclip_core.engine.checkpoint import install_sigterm_handler
     from rclip_core.engine.finetune import finetune as run_finetune
 
     state: dict[str, Any] = {}
@@ -206,11 +210,14 @@ def _run(recipe, device: str, resume: bool) -> None:
 
         def on_event(event: str, info: dict) -> None:
             if event == "data":
+                for note in info.get("notes", ()):
+                    err_console.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
                 console.print(f"[bold]data:[/] {escape(info['description'])}; {info['train_images']} training images, "
                               f"{info['val_images']} evaluation images")
             elif event == "start":
+                amp = f", AMP {info['amp_dtype']}" if info["amp"] else ""
                 console.print(f"[bold]training:[/] steps {info['start_step']} -> {info['max_steps']} on "
-                              f"{info['world_size']} process(es) ({info['device']}{', AMP' if info['amp'] else ''}), "
+                              f"{info['world_size']} process(es) ({info['device']}{amp}), "
                               f"{info['per_pass']} image(s) per pass x {info['accumulation']} pass(es), "
                               f"{info['trainable_parameters'] / 1e6:.2f} M trainable parameters")
                 state["bar"] = stack.enter_context(progress_bar("finetune", total=info["max_steps"] - info["start_step"],
@@ -234,12 +241,10 @@ def _run(recipe, device: str, resume: bool) -> None:
                 console.print(f"[bold]detector:[/] {escape(info['path'])}")
             elif event == "stopped":
                 err_console.print(f"[yellow]stopped at step {info['step']} (checkpoint saved); continue with --resume[/]")
+            elif event == "note":
+                err_console.print(f"[dim]{escape(info['message'])}[/]", soft_wrap=True)
 
-        flag = install_sigterm_handler()
-        try:
-            result = run_finetune(recipe, device=device, resume=resume, progress=on_event, stop=flag)
-        finally:
-            flag.uninstall()
+        result = run_finetune(recipe, device=device, resume=resume, progress=on_event)
     if result.interrupted:
         sys.exit(143)
     if os.environ.get("RANK", "0") != "0":

@@ -90,11 +90,15 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int 
     (--nproc only launches processes on this machine.)
     """
     from rclip_core.config import dump_recipe, parse_override_args
-    from rclip_core.engine.distributed import launched_by_torchrun
-    from rclip_core.engine.pretrain_recipe import check_recipe_inputs, load_pretrain_recipe
+    from rclip_core.config.pretrain import check_recipe_inputs, load_pretrain_recipe
+    from rclip_core.dist import launched_by_torchrun
     from rclip_core.errors import InputError, RuntimeFailure
 
-    recipe_obj = load_pretrain_recipe(recipe, parse_override_args(list(overrides)))
+    warnings: list[str] = []
+    recipe_obj = load_pretrain_recipe(recipe, parse_override_args(list(overrides)), warnings=warnings)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for w in warnings:
+            err_console.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if print_recipe:
         click.echo(dump_recipe(recipe_obj), nl=False)
         return
@@ -103,8 +107,8 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int 
             raise InputError(f"--nproc must be at least 1, got {nproc}")
         # fail here, before any worker starts, on everything that can be checked up front
         check_recipe_inputs(recipe_obj)
-        recipe_obj.batch.accumulation(nproc)
-        from rclip_core.engine.distributed import launch_torchrun
+        recipe_obj.batch.layout(nproc)
+        from rclip_cli._torchrun import launch_torchrun
 
         args = ["pretrain", str(recipe), *overrides, "--device", device]
         if resume:
@@ -113,7 +117,7 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int 
             args.append("--debug")
         import time
 
-        from rclip_core.engine.pretrain import STOPPED_FILE
+        from rclip_core.engine.trainer import STOPPED_FILE
 
         stopped = Path(os.path.expanduser(recipe_obj.output_dir)) / STOPPED_FILE
         t0 = time.time()

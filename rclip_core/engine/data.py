@@ -14,7 +14,7 @@ on worker processes or on where a run was interrupted either.
 Missing or corrupt images are skipped (counted in ``stats``), deterministically.
 
 Caption files (JSONL, COCO captions JSON, CSV/TSV) are indexed up front through
-:class:`rclip_core.data.captions.ImageTextDataset`; webdataset ``.tar`` shards cannot be
+:class:`rclip_core.data.streams.ImageTextDataset`; webdataset ``.tar`` shards cannot be
 indexed without reading them, so they are streamed in a seeded shard order and a resume
 re-reads (and skips) the part of the epoch already consumed; with shards, resume exactly only
 with the same ``num_workers`` and number of processes (the stream's interleaving depends on
@@ -75,7 +75,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 class ShortSideResize:
     """Detectron2 ``ResizeShortestEdge`` (short side drawn from ``short_sides``, long side
     <= ``max_size``, ``int(x + 0.5)`` rounding) with the pretraining's bicubic interpolation
-    (spec 4.2), then a horizontal flip with probability 1/2 when ``flip``."""
+    (official ``AUG.TRAIN.IMAGE_SIZE``, ``INTERPOLATION 3``), then a horizontal flip with probability 1/2 when ``flip``."""
 
     short_sides: tuple[int, ...]
     max_size: int
@@ -83,7 +83,7 @@ class ShortSideResize:
     flip: bool = True
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int], bool]:
-        from rclip_core.data.transforms import resized_shape
+        from rclip_core.data.images import resized_shape
 
         short = int(self.short_sides[int(rng.integers(len(self.short_sides)))]) if len(self.short_sides) > 1 \
             else int(self.short_sides[0])
@@ -151,13 +151,14 @@ class _IndexedImages(Dataset):
         return len(self.entries)
 
     def __getitem__(self, item: tuple[int, int]) -> TrainSample | tuple[int, None]:
-        from rclip_core.data.captions import decode_image
+        from rclip_core.data.images import read_image
+        from rclip_core.errors import RclipError
 
         epoch, index = item
         entry = self.entries[index]
         try:
-            img = decode_image(entry.path)
-        except (FileNotFoundError, ValueError):
+            img = read_image(entry.path)
+        except RclipError:  # missing or unreadable: counted as skipped by PretrainData
             return index, None
         rng = _sample_rng(self.seed, epoch, index)
         caps = entry.captions
@@ -183,7 +184,7 @@ class PretrainData:
     Args:
         sources: caption files / shards (already resolved against the data root).
         transform: :class:`ShortSideResize` or :class:`SquareResize`.
-        fmt, images_root: as for :class:`rclip_core.data.captions.ImageTextDataset`.
+        fmt, images_root: as for :class:`rclip_core.data.streams.ImageTextDataset`.
         seed: the run's seed (the order is the same on every process).
         rank, world_size: this process and the number of processes.
         num_workers: DataLoader workers (decoding and resizing happen there).
@@ -194,7 +195,8 @@ class PretrainData:
     def __init__(self, sources: Sequence[str], transform: Any, *, fmt: str | None = None,
                  images_root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, caption_choice: str = "random", max_images: int | None = None) -> None:
-        from rclip_core.data.captions import ImageTextDataset, resolve_sources
+        from rclip_core.data.captions import resolve_sources
+        from rclip_core.data.streams import ImageTextDataset
 
         self.transform = transform
         self.seed = int(seed)
@@ -278,7 +280,7 @@ class PretrainData:
             self._iter = self._stream(self.epoch, self.position)
 
     def _stream(self, epoch: int, skip: int) -> Iterator[TrainSample | tuple[int, None]]:
-        from rclip_core.data.captions import ImageTextDataset
+        from rclip_core.data.streams import ImageTextDataset
 
         ds = ImageTextDataset(self.shards, fmt=self._fmt, images_root=self._images_root,
                               caption_choice=self.caption_choice, shuffle=True, seed=self.seed,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -31,8 +30,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from rclip_core.data.coco import DetectionSet, resolve_images
-from rclip_core.data.transforms import MAX_SIZE, TEST_SHORT_SIDE, TRAIN_SHORT_SIDES, load_image, read_image, \
-    resize_image
+from rclip_core.data.images import MAX_SIZE, TRAIN_SHORT_SIDES, read_image, resize_image, xywh_to_xyxy
 from rclip_core.errors import InputError, RclipError
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "TrainStream",
     "DetectionTrainSet",
     "StepSampler",
-    "EvalImages",
     "collate_list",
 ]
 
@@ -98,8 +95,7 @@ def build_train_records(dataset: DetectionSet, images_dir: str | os.PathLike, cl
             anns = anns[:max_gt_per_image]
         if not anns:
             continue
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], dtype=np.float64)
+        boxes = xywh_to_xyxy([a["bbox"] for a in anns])
         labels = np.array([class_index[a["category_id"]] for a in anns], dtype=np.int64)
         polygons = None
         if with_polygons:
@@ -121,7 +117,7 @@ def build_train_records(dataset: DetectionSet, images_dir: str | os.PathLike, cl
 
 
 def repeat_factors(image_categories: Sequence[Sequence[int]], threshold: float) -> np.ndarray:
-    """LVIS repeat factors (Detectron2 ``repeat_factors_from_category_frequency``, spec 6.3).
+    """LVIS repeat factors (Detectron2 ``repeat_factors_from_category_frequency``, the LVIS configs' ``REPEAT_THRESHOLD`` 0.001).
 
     f_c = fraction of images that contain category c; r_c = max(1, sqrt(t / f_c));
     r_i = max over the categories of image i (1 for an image without categories).
@@ -290,22 +286,3 @@ class StepSampler(Sampler[int]):
 
 def collate_list(batch: list) -> list:
     return batch
-
-
-class EvalImages(Dataset):
-    """Evaluation images, resized for test (short side 800, max 1333 by default). Item ``i`` is
-    ``(i, PreparedImage or None, error message or None)``: an unreadable image is reported,
-    not raised, so that one bad file does not end an evaluation."""
-
-    def __init__(self, paths: Sequence[str | os.PathLike], short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE):
-        self.paths = [str(Path(p)) for p in paths]
-        self.short, self.max_size = int(short), int(max_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.paths[i], self.short, self.max_size), None
-        except RclipError as e:
-            return i, None, str(e)

@@ -1,5 +1,7 @@
 """SGD, the warm-up multi-step learning-rate schedule and per-parameter gradient clipping,
-with Detectron2's semantics (spec §4.5, §6.3, §7 item 15), on plain ``torch.optim``."""
+with Detectron2's semantics (``detectron2/solver/build.py``: ``build_optimizer``,
+``get_default_optimizer_params``, ``_create_gradient_clipper``; ``lr_scheduler.py``:
+``WarmupMultiStepLR``), on plain ``torch.optim``, and the cosine schedule for CLIP training."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["NORM_TYPES", "build_sgd", "warmup_multistep_factor", "WarmupMultiStepLR",
-           "clip_grad_per_parameter"]
+           "clip_grad_per_parameter", "WarmupCosineLR", "build_optimizer", "build_scheduler"]
 
 
 def _norm_types() -> tuple[type, ...]:
@@ -42,7 +44,7 @@ def build_sgd(
     weight_decay: float = 1e-4,
     no_decay_norms: bool = True,
 ) -> torch.optim.SGD:
-    """SGD as Detectron2's ``build_optimizer`` makes it (spec §4.5, §6.3).
+    """SGD as Detectron2's ``build_optimizer`` makes it (``detectron2/solver/build.py``).
 
     Only parameters with ``requires_grad`` are optimised; shared parameters appear once.
     With a module and ``no_decay_norms``, parameters of normalisation layers (BatchNorm,
@@ -111,7 +113,7 @@ def warmup_multistep_factor(
 
 
 class WarmupMultiStepLR(LRScheduler):
-    """Linear warm-up then x``gamma`` at each milestone (Detectron2 semantics, spec §4.5, §6.3).
+    """Linear warm-up then x``gamma`` at each milestone (Detectron2 ``WarmupMultiStepLR``).
 
     Call ``step()`` once after every optimizer step, as in Detectron2's trainer; the rate used
     by iteration ``it`` (0-based) is ``base_lr * warmup_multistep_factor(it, ...)``. Paper values:
@@ -155,7 +157,8 @@ class WarmupMultiStepLR(LRScheduler):
 def clip_grad_per_parameter(
     params: Iterable[torch.Tensor], max_norm: float = 5.0, norm_type: float = 2.0
 ) -> torch.Tensor:
-    """Detectron2's ``CLIP_TYPE: "norm"`` clipper: each parameter's gradient separately (spec §4.5).
+    """Detectron2's ``CLIP_TYPE: "norm"`` clipper: each parameter's gradient separately
+    (``_create_gradient_clipper``).
 
     Equivalent to ``torch.nn.utils.clip_grad_norm_(p, max_norm, norm_type)`` for every
     parameter ``p`` on its own (scale g by ``min(1, max_norm / (||g|| + 1e-6))``), NOT one
@@ -189,3 +192,55 @@ def clip_grad_per_parameter(
     device = grads[0].device
     norms_out = [per_index[i].to(device=device, dtype=torch.float32) for i in range(len(grads))]
     return torch.stack(norms_out)
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warm-up (from ``warmup_factor``) over ``warmup_iters``, then cosine decay from the
+    base rate to ``base * min_factor`` at ``max_iters``. ``step()`` once per optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, warmup_iters: int = 0,
+                 warmup_factor: float = 0.001, min_factor: float = 0.0, last_epoch: int = -1):
+        self.max_iters = int(max_iters)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_factor = float(warmup_factor)
+        self.min_factor = float(min_factor)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, it: int) -> float:
+        import math
+
+        if it < self.warmup_iters:
+            alpha = it / self.warmup_iters
+            return self.warmup_factor * (1 - alpha) + alpha
+        span = max(1, self.max_iters - self.warmup_iters)
+        progress = min(1.0, (it - self.warmup_iters) / span)
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+
+def build_optimizer(optim, module: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer an ``optim`` recipe section names, over ``module``'s trainable parameters:
+    SGD with Detectron2's parameter groups (:func:`build_sgd`), or AdamW with CLIP's rule (no
+    weight decay on gains, biases and the logit scale: the 1-D / 0-D tensors)."""
+    if optim.name == "sgd":
+        return build_sgd(module, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def build_scheduler(optim, optimizer: torch.optim.Optimizer, max_steps: int) -> LRScheduler:
+    """``schedule: step`` (:class:`WarmupMultiStepLR`) or ``cosine`` (:class:`WarmupCosineLR`)."""
+    if optim.schedule == "cosine":
+        return WarmupCosineLR(optimizer, max_steps, optim.warmup_iters, optim.warmup_factor, optim.min_lr_factor)
+    return WarmupMultiStepLR(optimizer, optim.steps, optim.gamma, optim.warmup_iters, optim.warmup_factor)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rclip_core.data.images import xywh_to_xyxy
 from rclip_core.errors import InputError
 
 __all__ = ["EvalImage", "load_eval_set", "image_level_top1", "region_top1", "evaluate_run"]
@@ -64,8 +65,7 @@ def load_eval_set(instances: str | Path, images_dir: str | Path, max_images: int
         anns = per_image.get(im["id"])
         if not anns:
             continue
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], dtype=np.float64)
+        boxes = xywh_to_xyxy([a["bbox"] for a in anns])
         out.append(EvalImage(Path(images_dir) / im["file_name"], boxes,
                              np.array([index[a["category_id"]] for a in anns], dtype=np.int64),
                              np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], dtype=np.float64)))
@@ -83,7 +83,7 @@ def image_level_top1(clip_model: torch.nn.Module, class_emb: Tensor, images: Seq
     (``encode_image``) or its visual tower; ``class_emb``: [K, D]."""
     from PIL import Image
 
-    from rclip_core.data.transforms import read_image
+    from rclip_core.data.images import read_image
     from rclip_core.models.region_encoder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
     dev = torch.device(device)
@@ -118,7 +118,7 @@ def image_level_top1(clip_model: torch.nn.Module, class_emb: Tensor, images: Seq
 def region_top1(encoder: torch.nn.Module, class_emb: Tensor, images: Sequence[EvalImage], short_side: int,
                 max_size: int = 1333, device: torch.device | str = "cpu", batch_size: int = 16) -> dict[str, float]:
     """Region zero-shot top-1 on ground-truth boxes; ``encoder``: a RegionEncoder."""
-    from rclip_core.data.transforms import boxes_to_resized, load_image
+    from rclip_core.data.images import boxes_to_resized, load_image
 
     dev = torch.device(device)
     cls = F.normalize(class_emb.float().to(dev), dim=-1)
@@ -145,16 +145,17 @@ def evaluate_run(recipe: Any, task: Any, final_weights: Path, device: torch.devi
     student was initialised from it and so shares its text tower) region-level at
     ``eval.short_side`` (default: the largest training short side) and image-level.
     """
-    from rclip_core.engine.pretrain_recipe import resolve_data_path
-    from rclip_core.models.regionclip import load_model
-    from rclip_core.models.text import class_embeddings, get_tokenizer
+    from rclip_core.config.pretrain import resolve_data_path
+    from rclip_core.models.text import embed_class_names
+    from rclip_core.weights.loaders import load_model
 
     names, images = load_eval_set(resolve_data_path(recipe, recipe.eval.instances),
                                   resolve_data_path(recipe, recipe.eval.images), recipe.eval.max_images)
 
     def embed(model) -> Tensor:
-        return class_embeddings(model.clip, get_tokenizer(model.arch.context_length), names,
-                                templates=recipe.concepts.templates, average=recipe.concepts.average).float()
+        # no cache: the student was trained in memory, its weights are not the file it came from
+        return embed_class_names(model, names, templates=recipe.concepts.templates, average=recipe.concepts.average,
+                                 use_cache=False).float()
 
     result: dict[str, Any] = {"classes": len(names), "eval_images": len(images)}
     if recipe.mode == "image_text":

@@ -3,7 +3,8 @@ before any work starts.
 
 Two modes share one schema:
 
-``regionclip``  RegionCLIP region-text pretraining (spec section 4): a frozen teacher CLIP, a
+``regionclip``  RegionCLIP region-text pretraining (paper sec. 3.1-3.3; official
+                ``clip_rcnn.py: PretrainFastRCNN``): a frozen teacher CLIP, a
                 student initialised from it (stem + res2 frozen, BN frozen, text tower frozen),
                 regions from an offline RPN / random boxes / jittered ground-truth boxes /
                 pseudo-label shards, and the three losses of paper eq. 5.
@@ -11,7 +12,8 @@ Two modes share one schema:
                 learned logit scale (how ShapesWorld gets its teacher).
 
 The paper recipes (``recipes/regionclip_*.yaml``) set the paper's values explicitly; the
-defaults here are the same values where the paper names one (spec 4.5), so that a recipe only
+defaults here are the same values where the paper names one (official
+``configs/pretrain/RegionCLIP_RN50.yaml``), so that a recipe only
 has to name what differs. Ablation switches (Tables 5-7, 9) are keys, not code paths:
 ``losses.image_text_contrastive: 0`` (Table 5), ``regions.source: random`` (Table 6),
 ``losses.region_concept_contrastive: 0`` / ``losses.concept_distillation: 0`` (Table 7),
@@ -30,20 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rclip_core.config import RunConfig, load_recipe
+from rclip_core.config.loader import load_recipe
+from rclip_core.config.sections import ModelSource, TrainRecipe
 from rclip_core.errors import ConfigError, InputError
+from rclip_core.models.clip import FREEZE_AT_MAX
 
 __all__ = [
-    "ModelSource",
     "ModelConfig",
     "DataConfig",
     "RPNConfig",
     "RegionsConfig",
     "ConceptsConfig",
     "LossesConfig",
-    "OptimConfig",
-    "BatchConfig",
-    "LoggingConfig",
     "EvalConfig",
     "PretrainRecipe",
     "load_pretrain_recipe",
@@ -53,44 +53,8 @@ __all__ = [
 
 
 @dataclass(kw_only=True)
-class ModelSource:
-    """Where a CLIP comes from (the same choices as ``--weights`` / ``--model`` / ``--pretrained``).
-
-    weights: a file: rclip ``.safetensors``, an official RegionCLIP / Detectron2 ``.pth`` (the
-        ``teacher_RN50_student_RN50_OAI_CLIP.pth`` pretraining init included), an OpenAI or
-        open_clip checkpoint.
-    model: an architecture (``RN50-quickgelu``) with ``pretrained`` (open_clip tag, default
-        openai), or a named model from ``rclip weights list`` (``clip-rn50-teacher-student``),
-        downloaded with its checksum into the cache.
-    random_init: untrained ``model`` (smoke tests only).
-    """
-
-    weights: str | None = None
-    model: str | None = None
-    pretrained: str | None = None
-    random_init: bool = False
-
-    @property
-    def given(self) -> bool:
-        return bool(self.weights or self.model)
-
-    def describe(self) -> str:
-        if self.weights:
-            return self.weights
-        if self.random_init:
-            return f"random:{self.model}"
-        return f"{self.model}/{self.pretrained or 'openai'}"
-
-    def __post_init__(self) -> None:
-        if self.weights and self.random_init:
-            raise ValueError("random_init and weights exclude each other")
-        if self.random_init and not self.model:
-            raise ValueError("random_init needs model (an architecture name)")
-
-
-@dataclass(kw_only=True)
 class ModelConfig:
-    """teacher: the frozen CLIP that pseudo-labels regions (spec 4.1; paper: OpenAI CLIP).
+    """teacher: the frozen CLIP that pseudo-labels regions (official ``teacher_backbone``; paper: OpenAI CLIP).
     student: the model being trained; when empty it starts from the teacher's weights (paper).
     architecture: image_text mode only: the CLIP architecture trained from scratch
         (``shapes-tiny``, ``test-micro``, ``RN50-quickgelu``, ...).
@@ -108,8 +72,8 @@ class ModelConfig:
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.freeze_at <= 5:
-            raise ValueError(f"model.freeze_at must be in 0..5, got {self.freeze_at}")
+        if not 0 <= self.freeze_at <= FREEZE_AT_MAX:
+            raise ValueError(f"model.freeze_at must be in 0..{FREEZE_AT_MAX}, got {self.freeze_at}")
         if self.init_logit_scale <= 0 or self.max_logit_scale <= 0:
             raise ValueError("model.init_logit_scale and model.max_logit_scale must be positive")
 
@@ -162,7 +126,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class RPNConfig:
-    """The offline RPN of ``regions.source: rpn`` (spec 4.3: NMS 0.5, 300 proposals).
+    """The offline RPN of ``regions.source: rpn`` (official ``OFFLINE_RPN_NMS_THRESH`` 0.5,
+    ``PRETRAIN_RPN_REGIONS`` 300).
 
     weights: an ``rpn_*.pth`` file, a named RPN (``rpn-lvis-866``), or empty = the RPN stored in
         the student's (else the teacher's) weights file (official pretrained files carry one).
@@ -171,13 +136,13 @@ class RPNConfig:
     weights: str | None = None
     pre_nms_topk: int = 1000
     post_nms_topk: int = 300
-    nms_thresh: float = 0.5
+    nms: float = 0.5
 
     def __post_init__(self) -> None:
         if self.pre_nms_topk < 1 or self.post_nms_topk < 1:
             raise ValueError("regions.rpn top-k values must be positive")
-        if not 0.0 < self.nms_thresh <= 1.0:
-            raise ValueError("regions.rpn.nms_thresh must be in (0, 1]")
+        if not 0.0 < self.nms <= 1.0:
+            raise ValueError("regions.rpn.nms must be in (0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -216,7 +181,8 @@ class RegionsConfig:
 
 @dataclass(kw_only=True)
 class ConceptsConfig:
-    """The concept pool regions are labelled with (spec 4.1, 4.3).
+    """The concept pool regions are labelled with (official ``MODEL.CLIP.CONCEPT_POOL_EMB``,
+    ``CONCEPT_THRES``).
 
     pool: a built-in list (``coco-nouns``: the paper's 4764 COCO-caption nouns,
         ``googlecc-nouns``, ``coco``, ``lvis``, ...), a text file (one concept per line or
@@ -271,105 +237,6 @@ class LossesConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
-    """Spec 4.5: SGD, lr 0.002, momentum 0.9, wd 1e-4 (none on norm layers), linear warmup
-    1000 iterations from 0.001, x0.1 at 300k and 525k, each parameter's gradient clipped to
-    L2 norm 5.0 separately (``clip_norm: null`` = no clipping).
-
-    ``name: adamw`` (betas, eps) and ``schedule: cosine`` (warmup, then cosine decay to
-    ``lr * min_lr_factor`` at max_steps) are for training a CLIP from scratch (image_text).
-    """
-
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    schedule: Literal["step", "cosine"] = "step"
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
-    steps: list[int] = field(default_factory=lambda: [300_000, 525_000])
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0
-    clip_norm: float | None = 5.0
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError("optim.lr must be positive")
-        if self.weight_decay < 0:
-            raise ValueError("optim.weight_decay must be >= 0")
-        if self.warmup_iters < 0:
-            raise ValueError("optim.warmup_iters must be >= 0")
-        if list(self.steps) != sorted(self.steps):
-            raise ValueError("optim.steps must be increasing")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError("optim.clip_norm must be positive (or null for no clipping)")
-
-
-@dataclass(kw_only=True)
-class BatchConfig:
-    """images_per_process: images per process and forward pass (paper: 3 per GPU).
-    grad_accum: forward passes per optimizer step (default 1, or derived from global_batch).
-    global_batch: images per optimizer step over all processes (paper: 96 = 32 GPUs x 3); when
-        set, ``images_per_process * grad_accum * processes`` must equal it, and a missing
-        grad_accum is derived from it.
-
-    Accumulation reproduces the summed gradient of the region losses, but the image-text
-    contrast of each forward pass only sees that pass's (gathered) images: 32 GPUs x 3
-    contrast 96 captions per step, 1 GPU x 3 x 32 accumulations contrast 3.
-    """
-
-    images_per_process: int = 3
-    grad_accum: int | None = None
-    global_batch: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.images_per_process < 1:
-            raise ValueError("batch.images_per_process must be at least 1")
-        if self.grad_accum is not None and self.grad_accum < 1:
-            raise ValueError("batch.grad_accum must be at least 1")
-        if self.global_batch is not None and self.global_batch < 1:
-            raise ValueError("batch.global_batch must be at least 1")
-
-    def accumulation(self, world_size: int) -> int:
-        """Forward passes per step for ``world_size`` processes; InputError when inconsistent."""
-        per_pass = self.images_per_process * world_size
-        if self.global_batch is None:
-            return self.grad_accum or 1
-        if self.grad_accum is None:
-            if self.global_batch % per_pass:
-                raise InputError(
-                    f"batch.global_batch {self.global_batch} is not a multiple of batch.images_per_process "
-                    f"{self.images_per_process} x {world_size} process(es)",
-                    hint="override batch.images_per_process or batch.global_batch")
-            return self.global_batch // per_pass
-        if per_pass * self.grad_accum != self.global_batch:
-            raise InputError(
-                f"batch.global_batch {self.global_batch} != batch.images_per_process {self.images_per_process} "
-                f"x batch.grad_accum {self.grad_accum} x {world_size} process(es)",
-                hint="drop batch.grad_accum to derive it, or set batch.global_batch=null")
-        return self.grad_accum
-
-
-@dataclass(kw_only=True)
-class LoggingConfig:
-    """log_every: steps between metrics.jsonl lines (and progress updates of the loss text).
-    tensorboard: also write TensorBoard events to OUTPUT_DIR/tensorboard when it is installed.
-    keep_checkpoints: keep only the newest N checkpoints (null = all)."""
-
-    log_every: int = 20
-    tensorboard: bool = True
-    keep_checkpoints: int | None = 3
-
-    def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ValueError("logging.log_every must be at least 1")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ValueError("logging.keep_checkpoints must be at least 1 (or null)")
-
-
-@dataclass(kw_only=True)
 class EvalConfig:
     """A quick zero-shot check at the end of training, on a COCO-format held-out set (the
     ShapesWorld val split): image_text mode reports image-level top-1 (each image labelled with
@@ -390,8 +257,9 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
-class PretrainRecipe(RunConfig):
-    """The whole recipe of ``rclip pretrain`` (see the module docstring and each section)."""
+class PretrainRecipe(TrainRecipe):
+    """The whole recipe of ``rclip pretrain`` (see the module docstring and each section; the
+    shared ``optim``, ``batch``, ``logging``, ``amp`` keys are :mod:`rclip_core.config.sections`)."""
 
     mode: Literal["regionclip", "image_text"] = "regionclip"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -399,11 +267,10 @@ class PretrainRecipe(RunConfig):
     regions: RegionsConfig = field(default_factory=RegionsConfig)
     concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     losses: LossesConfig = field(default_factory=LossesConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    amp: bool = True
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    #: old spellings, accepted for one release with a warning
+    RENAMED_KEYS = {"regions.rpn.nms_thresh": "regions.rpn.nms"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -428,9 +295,11 @@ class PretrainRecipe(RunConfig):
                 raise ValueError("every loss term is switched off (losses.*)")
 
 
-def load_pretrain_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> PretrainRecipe:
-    """Read and validate a recipe (ConfigError naming the key for unknown keys, wrong types)."""
-    return load_recipe(path, PretrainRecipe, overrides)
+def load_pretrain_recipe(path: str | os.PathLike, overrides: dict[str, str] | None = None,
+                         warnings: list[str] | None = None) -> PretrainRecipe:
+    """Read and validate a recipe (ConfigError naming the key for unknown keys, wrong types);
+    deprecated key spellings add a line to ``warnings``."""
+    return load_recipe(path, PretrainRecipe, overrides, warnings)
 
 
 def resolve_data_path(recipe: PretrainRecipe, path: str) -> str:
@@ -490,7 +359,7 @@ def check_recipe_inputs(recipe: PretrainRecipe) -> None:
         if recipe.regions.source == "shards":
             must_exist("regions.shards", recipe.regions.shards)
         if recipe.regions.source == "rpn" and recipe.regions.rpn.weights:
-            from rclip_core.models.registry import REGISTRY
+            from rclip_core.weights.registry import REGISTRY
 
             if recipe.regions.rpn.weights not in REGISTRY:
                 must_exist("regions.rpn.weights", recipe.regions.rpn.weights, data_relative=False)
@@ -505,7 +374,7 @@ def check_recipe_inputs(recipe: PretrainRecipe) -> None:
                                  hint="built-in: " + ", ".join(VOCABULARIES))
         for key in ("embeddings", "teacher_embeddings"):
             value = getattr(recipe.concepts, key)
-            from rclip_core.models.registry import REGISTRY
+            from rclip_core.weights.registry import REGISTRY
 
             if value and value not in REGISTRY:
                 must_exist(f"concepts.{key}", value)

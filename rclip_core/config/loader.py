@@ -425,12 +425,39 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _deep_merge(merged, data)
 
 
+def _renamed(data: Mapping[str, Any], schema_cls: type, overrides: Mapping[str, Any] | None,
+             warnings: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Old key spellings (``schema_cls.RENAMED_KEYS``: old dotted key -> new) moved to their new
+    names in the raw recipe and the overrides, with one warning line each."""
+    import copy
+
+    tree, over = copy.deepcopy(dict(data)), dict(overrides or {})
+    for old, new in getattr(schema_cls, "RENAMED_KEYS", {}).items():
+        *parents, last = old.split(".")
+        node: Any = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        found = isinstance(node, dict) and last in node
+        if found:
+            value = node.pop(last)
+            over.setdefault(new, value)
+        if old in over:
+            over.setdefault(new, over.pop(old))
+            found = True
+        if found and warnings is not None:
+            warnings.append(f"recipe key {old!r} is now {new!r} (the old name goes in the next release)")
+    return tree, over
+
+
 def build_recipe(
-    data: Mapping[str, Any], schema_cls: type[T], overrides: Mapping[str, Any] | None = None
+    data: Mapping[str, Any], schema_cls: type[T], overrides: Mapping[str, Any] | None = None,
+    warnings: list[str] | None = None,
 ) -> T:
-    """Validate a raw mapping (plus overrides) into ``schema_cls``; ConfigError on any problem."""
+    """Validate a raw mapping (plus overrides) into ``schema_cls``; ConfigError on any problem.
+    Deprecated key spellings are renamed, with a line appended to ``warnings`` when given."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a recipe must be a mapping, got {type(data).__name__}")
+    data, overrides = _renamed(data, schema_cls, overrides, warnings)
     tree = apply_overrides(data, schema_cls, overrides)
     try:
         return _build(schema_cls, tree)
@@ -439,7 +466,8 @@ def build_recipe(
 
 
 def load_recipe(
-    path: str | os.PathLike, schema_cls: type[T], overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike, schema_cls: type[T], overrides: Mapping[str, Any] | None = None,
+    warnings: list[str] | None = None,
 ) -> T:
     """Read a YAML recipe, apply dotted ``overrides`` (``{"optim.lr": "0.01"}``) and validate.
 
@@ -448,7 +476,7 @@ def load_recipe(
             wrongly typed or missing values, failed ``__post_init__`` checks - always naming the
             full dotted key.
     """
-    return build_recipe(_read_yaml(Path(path)), schema_cls, overrides)
+    return build_recipe(_read_yaml(Path(path)), schema_cls, overrides, warnings)
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:
