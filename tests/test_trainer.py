@@ -66,6 +66,27 @@ def _run(argv: list[str], env: dict, extra: list[str] = ()) -> subprocess.Comple
                           env=env, capture_output=True, text=True, timeout=400)
 
 
+def _kill_run(launcher: subprocess.Popen, out: Path) -> None:
+    """SIGKILL the launcher's process group and every process whose command line names the run
+    (torchrun starts each worker in a session of its own, and its DataLoader workers with it)."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    tokens = (str(out), str(out.parent / f"{out.name}.yaml"))
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(t in cmdline for t in tokens):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    launcher.wait(timeout=60)
+
+
 def _weights(kind: str, out: Path) -> dict[str, torch.Tensor]:
     # the last checkpoint holds every trained tensor of each task (final files hold constants too)
     last = sorted((out / "checkpoints").glob("ckpt_*"))[-1]
@@ -93,11 +114,9 @@ def test_kill_9_under_torchrun_with_workers_resumes_bit_identical(kind, world, t
             assert child.poll() is None, f"the {kind} run ended before step 3"
             assert time.time() < deadline, "the run did not reach step 3"
             time.sleep(0.2)
-        os.killpg(child.pid, signal.SIGKILL)  # torchrun and both workers: no handler runs
-        child.wait(timeout=60)
+        _kill_run(child, killed)  # the launcher, torchrun and both workers: no handler runs
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+        _kill_run(child, killed)
     assert sorted(p.name for p in (killed / "checkpoints").glob("ckpt_*")) == ["ckpt_00000002"]
 
     proc = _run(argv, env, ["--resume"])
