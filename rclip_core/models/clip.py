@@ -26,7 +26,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from rclip_core.errors import InputError
