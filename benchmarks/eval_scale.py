@@ -1,4 +1,5 @@
-"""Wall time and peak memory of the box-AP backends at COCO-val and LVIS-val scale.
+"""Wall time and peak memory of the box-AP, LVIS Fixed AP and mask-AP backends at COCO-val
+and LVIS-val scale.
 
 Builds synthetic ground truth and detections of the real sizes:
 
@@ -15,7 +16,12 @@ with MemoryError instead of taking the machine down. Rows:
 - ``faster, dicts``: the same with detections as a list of dicts (the COCO results format);
 - ``faster, 1 chunk``: chunking off (one chunk with every category);
 - ``faster-coco-eval direct``: faster-coco-eval used as its README shows
-  (``loadRes(list)`` + ``COCOeval_faster``), without rclip in between (the baseline).
+  (``loadRes(list)`` + ``COCOeval_faster``), without rclip in between (the baseline);
+- ``..., fixed-ap`` (LVIS): the same detections under Fixed AP (top 10,000 per class over the
+  split, no per-image cap);
+- ``..., segm``: mask AP. Ground-truth masks are 16-point polygons of the ellipse inscribed in
+  each box, detection masks compressed RLEs of the ellipse inscribed in each detection box
+  (one RLE per detection: 5.9M at LVIS scale), read from a JSON list beside the (N, 7) array.
 
 Then the backends' summary metrics are compared (they must agree to 1e-6 on the 0-100 scale).
 
@@ -98,8 +104,9 @@ def synthesize(kind: str, scale: float, seed: int = 0) -> tuple[dict, np.ndarray
         area = boxes[:, 2] * boxes[:, 3] * rng.uniform(0.5, 0.9, n_gt)  # mask area < box area
         crowd = (rng.random(n_gt) < 0.01) if kind == "coco" else np.zeros(n_gt, bool)
         for b, c, a, cr in zip(boxes.tolist(), labels.tolist(), area.tolist(), crowd.tolist()):
+            # no random draw here: the detections (and so the box numbers) do not depend on masks
             anns.append({"id": ann_id, "image_id": img_id, "category_id": c, "bbox": b, "area": a,
-                         "iscrowd": int(cr)})
+                         "iscrowd": int(cr), "segmentation": [_ellipse(b)]})
             ann_id += 1
         if kind == "lvis":
             absent = np.setdiff1d(cat_ids, present)
@@ -129,6 +136,31 @@ def synthesize(kind: str, scale: float, seed: int = 0) -> tuple[dict, np.ndarray
         det_rows.append(np.column_stack([np.full(len(b), img_id), b, sc, lab]))
     gt = {"images": images, "annotations": anns, "categories": cats}
     return gt, np.concatenate(det_rows).astype(np.float64)
+
+
+_ANGLES = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+
+
+def _ellipse(b: list[float]) -> list[float]:
+    """16-point polygon of the ellipse inscribed in box [x, y, w, h]."""
+    x, y, w, h = b
+    return np.round(np.stack([x + w / 2 * (1 + np.cos(_ANGLES)), y + h / 2 * (1 + np.sin(_ANGLES))], 1),
+                    2).ravel().tolist()
+
+
+def detection_masks(gt: dict, dets: np.ndarray) -> list[dict]:
+    """A compressed RLE per detection: the ellipse inscribed in its box, in its image."""
+    from pycocotools import mask as mask_utils
+
+    size = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    out: list[dict] = []
+    img_col = dets[:, 0].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, img_col[1:] != img_col[:-1], True])
+    for a, b in zip(starts[:-1], starts[1:]):
+        h, w = size[int(img_col[a])]
+        rles = mask_utils.frPyObjects([_ellipse(r) for r in dets[a:b, 1:5].tolist()], h, w)
+        out += [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
+    return out
 
 
 # --------------------------------------------------------------------------- worker
@@ -175,14 +207,20 @@ def _worker(args: argparse.Namespace) -> None:
             from rclip_core.evaluation.metrics import evaluate_detections, summary_metrics
 
             gt = load_instances(args.gt)
+            kw: dict = {}
             if args.mode == "dicts":
                 dets = _as_dicts(dets_array)
                 del dets_array
             else:
                 dets = dets_array
+            if args.mode == "segm":
+                with open(args.dets.replace(".npy", "_masks.json")) as f:
+                    kw = {"iou_type": "segm", "segmentations": json.load(f)}
+            elif args.mode == "fixed-ap":
+                kw = {"protocol": "fixed-ap"}
+            elif args.mode == "one-chunk":
+                kw = {"max_chunk_detections": 10**12, "max_chunk_pairs": 10**12}
             t1 = time.perf_counter()
-            one_chunk = {"max_chunk_detections": 10**12, "max_chunk_pairs": 10**12}
-            kw = one_chunk if args.mode == "one-chunk" else {}
             m = evaluate_detections(gt, dets, backend=args.backend, **kw)
             out["metrics"] = summary_metrics(m)
         out["load_s"] = t1 - t0
@@ -196,11 +234,15 @@ def _worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- driver
 ROWS = {
     "coco": [("faster", "array"), ("faster", "dicts"), ("faster", "one-chunk"), ("pycocotools", "array"),
-             ("faster", "direct")],
+             ("faster", "direct"), ("faster", "segm"), ("pycocotools", "segm")],
     "lvis": [("faster", "array"), ("faster", "dicts"), ("faster", "one-chunk"), ("lvis", "array"),
-             ("faster", "direct")],
+             ("faster", "direct"), ("faster", "fixed-ap"), ("lvis", "fixed-ap"), ("faster", "segm"),
+             ("lvis", "segm")],
 }
-LABELS = {"array": "", "dicts": ", dicts", "one-chunk": ", 1 chunk", "direct": ""}
+LABELS = {"array": "", "dicts": ", dicts", "one-chunk": ", 1 chunk", "direct": "", "fixed-ap": ", fixed-ap",
+          "segm": ", segm"}
+#: rows whose numbers are a different metric (not compared with the box rows)
+OWN_METRIC = ("fixed-ap", "segm")
 
 
 def _run_row(kind: str, backend: str, mode: str, gt: Path, dets: Path, tmp: Path, mem_gb: float,
@@ -253,6 +295,11 @@ def main() -> None:
             gt_path, det_path = tmp / f"{kind}_gt.json", tmp / f"{kind}_dets.npy"
             gt_path.write_text(json.dumps(gt))
             np.save(det_path, dets)
+            wanted = {m for b, m in ROWS[kind] if f"{kind}:{b}" not in skip and f"{kind}:{m}" not in skip}
+            if "segm" in wanted:
+                t_m = time.perf_counter()
+                (tmp / f"{kind}_dets_masks.json").write_text(json.dumps(detection_masks(gt, dets)))
+                print(f"{kind}: {len(dets)} detection masks encoded in {time.perf_counter() - t_m:.0f}s")
             n_img, n_ann, n_det = len(gt["images"]), len(gt["annotations"]), len(dets)
             del gt, dets
             print(f"\n{kind.upper()}: {n_img} images, {n_ann} objects ({n_ann / n_img:.1f}/image), "
@@ -274,12 +321,16 @@ def main() -> None:
                 print(f"{kind:<6} {name:<26} {n_det:>9} {r['load_s']:>7.1f} {r['eval_s']:>7.1f} "
                       f"{r['wall_s']:>8.1f} "
                       f"{r['peak_rss_mb']:>12.0f}  {m['AP']:.3f} / {m['AP50']:.3f}{extra}", flush=True)
-            ok = {k: v["metrics"] for k, v in results.items() if "metrics" in v}
-            if len(ok) > 1:
-                ref_name, ref = next(iter(ok.items()))
-                worst = max(abs(m[key] - ref[key]) for m in ok.values() for key in ref if key in m)
-                verdict = "agree" if worst <= 1e-6 else "DISAGREE"
-                print(f"backends {verdict}: max |difference| of summary metrics vs {ref_name} = {worst:.2e}")
+            for group in ("box",) + OWN_METRIC:
+                ok = {k: v["metrics"] for k, v in results.items() if "metrics" in v
+                      and (k.endswith(", " + group) if group != "box" else not k.endswith(OWN_METRIC))}
+                if len(ok) > 1:
+                    ref_name, ref = next(iter(ok.items()))
+                    worst = max(abs(m[key] - ref[key]) for m in ok.values() for key in ref
+                                if key in m and np.isfinite(ref[key]))
+                    verdict = "agree" if worst <= 1e-6 else "DISAGREE"
+                    print(f"{group}: backends {verdict}: max |difference| of summary metrics vs {ref_name} "
+                          f"= {worst:.2e}")
 
 
 if __name__ == "__main__":

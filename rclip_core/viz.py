@@ -27,13 +27,25 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
-                    scores: Sequence[float] | None = None, classes: Sequence[int] | None = None) -> Image.Image:
+                    scores: Sequence[float] | None = None, classes: Sequence[int] | None = None,
+                    masks=None) -> Image.Image:
     """Return a copy of ``image`` with XYXY ``boxes`` (original pixels) and their labels drawn.
 
+    ``masks``: optional binary masks [M, H, W] of the image's size, one per box, filled
+    translucently in the box's colour under the boxes (a detector with a mask head).
     Line width and font size scale with the image (legible from 64 px thumbnails to 4k photos);
     tags are kept inside the image.
     """
     img = image.convert("RGB").copy()
+    if masks is not None and len(masks):
+        import numpy as np
+
+        px = np.asarray(img, dtype=np.float32)
+        for i, m in enumerate(masks):
+            color = np.asarray(class_color(int(classes[i]) if classes is not None else i), dtype=np.float32)
+            on = np.asarray(m, dtype=bool)
+            px[on] = 0.55 * px[on] + 0.45 * color
+        img = Image.fromarray(px.round().astype(np.uint8), "RGB")
     W, H = img.size
     short = min(W, H)
     lw = max(1, round(short / 300))

@@ -1,4 +1,5 @@
-"""COCO and LVIS box AP, with the open-vocabulary (novel/base/all) split metrics.
+"""COCO and LVIS box and mask AP, with the open-vocabulary (novel/base/all) split metrics,
+under the standard protocol or LVIS Fixed AP.
 
 One entry point, :func:`evaluate_detections`, three interchangeable backends:
 
@@ -32,6 +33,24 @@ reproduce the paper, evaluate on the 65-class ground truth
 
 Per-category values come as ``"AP/<category id>"`` and ``"AP50/<category id>"`` keys
 (see :func:`per_category`).
+
+**Protocols** (:data:`PROTOCOLS`). ``"standard"``: COCOeval's 100 detections per image and
+category (COCO) or ``LVISResults``' 300 top-scoring detections per image (LVIS). ``"fixed-ap"``
+(LVIS only; Dave et al. 2021, "Evaluating Large-Vocabulary Object Detectors: The Devil is in
+the Details", ``large-vocab-devil/scripts/evaluate_ap_fixed.py``): the top
+``per_class_budget`` (10,000) detections of each category over the whole split, ties in input
+order (a stable sort, as the reference's ``sorted``), taken *before* the federated filter, and
+no per-image cap (``LVISResults(max_dets=-1)``, ``params.max_dets = -1``); everything else is
+LVISEval's. A category with fewer than the budget is scored on what it has (the reference
+warns; :func:`evaluate_detections` reports the count as ``classes_under_budget``).
+
+**Masks** (``iou_type="segm"``): each detection carries a compressed RLE (COCO results
+``segmentation``); IoU is mask IoU and a detection's area is its mask's area: the result's
+``bbox`` is not used for the size ranges, as ``detectron2/evaluation/coco_evaluation.py:
+_evaluate_predictions_on_coco`` and ``lvis_evaluation.py: _evaluate_predictions_on_lvis`` drop
+it (pycocotools' ``loadRes`` and ``LVISResults`` would otherwise take the box area). Ground
+truth needs ``segmentation`` (polygons or RLE) on every annotation; its ``area`` is used as
+given, as every backend does.
 
 **Memory.** COCO/LVIS AP is not decomposable over images: accumulation ranks one category's
 detections over all images. It *is* decomposable over categories: column k of ``P`` depends
@@ -68,6 +87,10 @@ from rclip_core.fileio import read_json
 
 Backend = Literal["faster", "pycocotools", "lvis"]
 BACKENDS: tuple[str, ...] = ("faster", "pycocotools", "lvis")
+PROTOCOLS: tuple[str, ...] = ("standard", "fixed-ap")
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
+#: Fixed AP's detections per category over the split (Dave et al. 2021, K = 10,000 for LVIS)
+FIXED_AP_BUDGET = 10_000
 _BACKEND_KINDS = {"faster": ("coco", "lvis"), "pycocotools": ("coco",), "lvis": ("lvis",)}
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -81,16 +104,53 @@ _RESULTS_FORMAT = "COCO results format: [{image_id, category_id, bbox: [x, y, w,
 
 
 class _Detections:
-    """Detections as parallel arrays: image ids, category ids, boxes [x, y, w, h], scores."""
+    """Detections as parallel arrays: image ids, category ids, boxes [x, y, w, h], scores, and
+    for mask AP the RLEs (an object array) and their areas."""
 
-    def __init__(self, image_id: np.ndarray, category_id: np.ndarray, box: np.ndarray, score: np.ndarray):
+    def __init__(self, image_id: np.ndarray, category_id: np.ndarray, box: np.ndarray, score: np.ndarray,
+                 segm: np.ndarray | None = None, segm_area: np.ndarray | None = None):
         self.image_id, self.category_id, self.box, self.score = image_id, category_id, box, score
+        self.segm, self.segm_area = segm, segm_area
 
     def __len__(self) -> int:
         return len(self.score)
 
     def take(self, index: np.ndarray) -> "_Detections":
-        return _Detections(self.image_id[index], self.category_id[index], self.box[index], self.score[index])
+        return _Detections(self.image_id[index], self.category_id[index], self.box[index], self.score[index],
+                           None if self.segm is None else self.segm[index],
+                           None if self.segm_area is None else self.segm_area[index])
+
+    def area(self) -> np.ndarray:
+        """What the backends rank by size: the mask area for mask AP, else the box area."""
+        return self.segm_area if self.segm is not None else self.box[:, 2] * self.box[:, 3]
+
+
+def _attach_masks(dets: _Detections, segmentations: Any, images: Mapping[int, dict]) -> _Detections:
+    """Check ``segmentations`` (one compressed RLE ``{"size": [h, w], "counts": str}`` per
+    detection, the size of its image) and attach them with their areas."""
+    n = len(dets)
+    if segmentations is None:
+        raise InputError("mask AP needs a segmentation (RLE) for every detection")
+    segm = np.empty(n, dtype=object)
+    if len(segmentations) != n:
+        raise InputError(f"{len(segmentations)} segmentations for {n} detections")
+    for i, rle in enumerate(segmentations):
+        if not (isinstance(rle, Mapping) and isinstance(rle.get("counts"), (str, bytes))
+                and isinstance(rle.get("size"), (list, tuple)) and len(rle["size"]) == 2):
+            raise InputError(f"detection #{i} has no compressed RLE segmentation ({{size: [h, w], counts: str}})",
+                             hint="encode masks with pycocotools.mask.encode")
+        img = images.get(int(dets.image_id[i]))
+        if img is not None and [int(v) for v in rle["size"]] != [int(img["height"]), int(img["width"])]:
+            raise InputError(f"detection #{i}: its mask is {rle['size'][1]}x{rle['size'][0]} but image "
+                             f"{int(dets.image_id[i])} is {img['width']}x{img['height']}")
+        segm[i] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
+    from pycocotools import mask as mask_utils
+
+    # pycocotools 2.0.11's area() overflows a uint8 counter past 255 masks: 255 at a time
+    area = np.zeros(n, dtype=np.float64)
+    for a in range(0, n, 255):
+        area[a:a + 255] = mask_utils.area(list(segm[a:a + 255]))
+    return _Detections(dets.image_id, dets.category_id, dets.box, dets.score, segm, area)
 
 
 def _as_detections(detections: Any) -> _Detections:
@@ -146,11 +206,18 @@ def _first_bad_detection(detections: Sequence) -> str:
 def _per_image_top_k(dets: _Detections, k: int) -> np.ndarray:
     """Indices (in input order) of each image's ``k`` top-scoring detections; ties keep input
     order, as ``lvis.LVISResults.limit_dets_per_image`` (a stable sort) does."""
-    n = len(dets)
-    order = np.argsort(-dets.score, kind="stable")
-    order = order[np.argsort(dets.image_id[order], kind="stable")]
-    img = dets.image_id[order]
-    starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+    return _top_k_per_group(dets.image_id, dets.score, k)
+
+
+def _top_k_per_group(group: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Indices (in input order) of the ``k`` top-scoring entries of each group, ties in input
+    order (per image: ``LVISResults.limit_dets_per_image``; per category: Fixed AP's
+    ``sorted(cat_anns, key=score, reverse=True)[:K]``, both stable)."""
+    n = len(score)
+    order = np.argsort(-score, kind="stable")
+    order = order[np.argsort(group[order], kind="stable")]
+    g = group[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     return np.sort(order[rank < k])
 
@@ -158,8 +225,13 @@ def _per_image_top_k(dets: _Detections, k: int) -> np.ndarray:
 class _Engine:
     """Runs one backend on chunks of categories. ``run`` returns ``P[T, R, Kc, A]``."""
 
-    def __init__(self, backend: str, kind: str, gt: dict, max_dets: int):
+    def __init__(self, backend: str, kind: str, gt: dict, max_dets: int, iou_type: str = "bbox",
+                 lvis_max_dets: int | None = None):
+        # max_dets: the backends' per-(image, category) cap (COCOeval's maxDets); lvis_max_dets:
+        # LVISEval's params.max_dets (-1 under Fixed AP, as the reference sets it)
         self.backend, self.kind, self.gt, self.max_dets = backend, kind, gt, max_dets
+        self.iou_type = iou_type
+        self.lvis_max_dets = max_dets if lvis_max_dets is None else lvis_max_dets
         with contextlib.redirect_stdout(io.StringIO()):
             if backend == "faster":
                 from faster_coco_eval import COCO
@@ -183,7 +255,7 @@ class _Engine:
                 from faster_coco_eval import COCO, COCOeval_faster
 
                 dt_api = COCO(dt, print_function=_silent)
-                ev = COCOeval_faster(self.gt_api, dt_api, "bbox", print_function=_silent,
+                ev = COCOeval_faster(self.gt_api, dt_api, self.iou_type, print_function=_silent,
                                      lvis_style=self.kind == "lvis")
                 ev.params.imgIds, ev.params.catIds, ev.params.maxDets = img_ids, cat_ids, [self.max_dets]
                 ev.evaluate()
@@ -196,7 +268,7 @@ class _Engine:
                 dt_api = COCO()
                 dt_api.dataset = dt
                 dt_api.createIndex()
-                ev = COCOeval(self.gt_api, dt_api, "bbox")
+                ev = COCOeval(self.gt_api, dt_api, self.iou_type)
                 ev.params.imgIds, ev.params.catIds, ev.params.maxDets = img_ids, cat_ids, [self.max_dets]
                 ev.evaluate()
                 ev.accumulate()
@@ -205,8 +277,9 @@ class _Engine:
                 from rclip_core.evaluation.lvis_compat import lvis_api, lvis_results
 
                 _, _, LVISEval = lvis_api()
-                ev = LVISEval(self.gt_api, lvis_results(self.gt_api, dt_anns), "bbox")
-                ev.params.img_ids, ev.params.cat_ids, ev.params.max_dets = img_ids, cat_ids, self.max_dets
+                ev = LVISEval(self.gt_api, lvis_results(self.gt_api, dt_anns), self.iou_type)
+                ev.params.img_ids, ev.params.cat_ids = img_ids, cat_ids
+                ev.params.max_dets = self.lvis_max_dets
                 ev.evaluate()
                 ev.accumulate()
                 precision = ev.eval["precision"]
@@ -236,11 +309,15 @@ def evaluate_detections(
     max_dets: int | None = None,
     image_ids: Iterable[int] | None = None,
     *,
+    protocol: str = "standard",
+    per_class_budget: int | None = None,
+    iou_type: str = "bbox",
+    segmentations: Sequence[Mapping] | None = None,
     max_chunk_detections: int = 500_000,
     max_chunk_pairs: int = 250_000,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Box AP of ``detections`` against the ground truth ``gt`` (0-100 scale).
+    """Box or mask AP of ``detections`` against the ground truth ``gt`` (0-100 scale).
 
     Args:
         gt: instances file path, dict, or a loaded :class:`DetectionSet`.
@@ -253,8 +330,14 @@ def evaluate_detections(
         splits: optional category-id sets, e.g. ``{"novel": {...}, "base": {...}}``; adds
             ``AP50_<name>``, ``AP_<name>`` and ``AP50_all``/``AP_all`` (union of the splits).
         max_dets: detections per image: COCOeval's maxDets (per image and category; default 100)
-            for COCO, the per-image cap for LVIS (default 300).
+            for COCO, the per-image cap for LVIS (default 300). Not with ``fixed-ap``.
         image_ids: evaluate on these images only (default: all images of ``gt``).
+        protocol: ``"standard"`` or ``"fixed-ap"`` (LVIS; see the module docstring).
+        per_class_budget: Fixed AP's detections per category over the split (default
+            :data:`FIXED_AP_BUDGET`).
+        iou_type: ``"bbox"`` (box AP) or ``"segm"`` (mask AP: ``segmentations`` gives one
+            compressed RLE per detection, in the same order; a detection's ``segmentation`` key
+            when ``detections`` is a list of dicts or a results file).
         max_chunk_detections, max_chunk_pairs: memory bounds for one chunk of categories
             (see the module docstring); they do not change the result.
         progress: called with the number of categories finished after each chunk.
@@ -262,9 +345,15 @@ def evaluate_detections(
     Returns:
         ``AP, AP50, AP75, APs, APm, APl`` (+ ``APr, APc, APf`` for LVIS), the split metrics if
         ``splits`` is given, and per-category ``"AP/<id>"``, ``"AP50/<id>"``. NaN = undefined.
+        Under ``fixed-ap`` also ``classes_under_budget``: categories with fewer detections
+        than the budget (their AP is lower than the detector could reach with more).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown evaluation backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown evaluation protocol {protocol!r}", hint=f"use one of: {', '.join(PROTOCOLS)}")
+    if iou_type not in IOU_TYPES:
+        raise InputError(f"unknown IoU type {iou_type!r}", hint="use bbox or segm")
     if isinstance(gt, DetectionSet):
         dataset = gt
         if kind != "auto" and dataset.kind != kind:
@@ -276,9 +365,23 @@ def evaluate_detections(
         other = "lvis" if kind == "lvis" else "pycocotools"
         raise InputError(f"the {backend} backend cannot evaluate {kind.upper()} (federated rules differ)",
                          hint=f"use --backend faster or --backend {other}")
-    max_dets = int(max_dets) if max_dets is not None else (300 if kind == "lvis" else 100)
-    if max_dets < 1:
-        raise InputError(f"max_dets must be at least 1, got {max_dets}")
+    fixed = protocol == "fixed-ap"
+    if fixed:
+        if kind != "lvis":
+            raise InputError("Fixed AP is an LVIS protocol (federated, 10,000 detections per class); "
+                             f"this ground truth is {kind.upper()}", hint="use the standard protocol")
+        if max_dets is not None:
+            raise InputError("Fixed AP has no per-image cap: give a per-class budget, not max_dets")
+        budget = int(per_class_budget) if per_class_budget is not None else FIXED_AP_BUDGET
+        if budget < 1:
+            raise InputError(f"the per-class detection budget must be at least 1, got {budget}")
+        max_dets = budget  # the backends' per-(image, category) cap: never binds under the class budget
+    else:
+        if per_class_budget is not None:
+            raise InputError("a per-class detection budget belongs to the fixed-ap protocol")
+        max_dets = int(max_dets) if max_dets is not None else (300 if kind == "lvis" else 100)
+        if max_dets < 1:
+            raise InputError(f"max_dets must be at least 1, got {max_dets}")
 
     # ---- ground truth as compact arrays and dicts (fresh annotation ids 1..N: COCOeval marks
     # matches with ids and treats id 0 as "unmatched")
@@ -310,12 +413,29 @@ def evaluate_detections(
     gt_categories = [{"id": c["id"], "name": c["name"],
                       **({"frequency": c["frequency"]} if kind == "lvis" else {})}
                      for c in sorted(dataset.categories, key=lambda c: c["id"])]
+    segm = iou_type == "segm"
+    if segm:
+        bare = next((a for a in gt_anns if not a.get("segmentation")), None)
+        if bare is not None:
+            raise InputError(f"mask AP needs ground-truth masks, but annotation {bare.get('id')} of image "
+                             f"{bare['image_id']} has no 'segmentation'",
+                             hint="use instances with polygons or RLE (ShapesWorld writes them since this version: "
+                                  "regenerate it with rclip data shapes)")
     gt_dict = {"images": gt_images, "categories": gt_categories, "annotations": [
         {"id": n + 1, "image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]),
-         "area": a["area"], "iscrowd": int(a.get("iscrowd", 0))} for n, a in enumerate(gt_anns)]}
+         "area": a["area"], "iscrowd": int(a.get("iscrowd", 0)),
+         **({"segmentation": a["segmentation"]} if segm else {})} for n, a in enumerate(gt_anns)]}
 
     # ---- detections
     dets = _as_detections(detections)
+    if segm:
+        if segmentations is None and isinstance(detections, (str, os.PathLike, list, tuple)):
+            listed = read_json(Path(detections), what="detections file") \
+                if isinstance(detections, (str, os.PathLike)) else detections
+            segmentations = [d.get("segmentation") if isinstance(d, Mapping) else None for d in listed]
+        dets = _attach_masks(dets, segmentations, images_by_id)
+    elif segmentations is not None:
+        raise InputError("segmentations are scored with iou_type='segm'")
     bad_img = np.setdiff1d(np.unique(dets.image_id), all_image_ids)
     if bad_img.size:
         raise InputError(f"{bad_img.size} image id(s) of the detections are not in the ground truth "
@@ -327,8 +447,13 @@ def evaluate_detections(
                               "COCO: the real ids, not 0..79)")
     if image_ids is not None:
         dets = dets.take(np.flatnonzero(np.isin(dets.image_id, eval_images)))
+    under_budget = None
+    if fixed:
+        per_class = np.bincount(np.searchsorted(cat_ids, dets.category_id), minlength=len(cat_ids))
+        under_budget = int((per_class < max_dets).sum())
+        dets = dets.take(_top_k_per_group(dets.category_id, dets.score, max_dets))
     if kind == "lvis":
-        dets = _lvis_prefilter(dets, max_dets, gt_img, gt_cat, gt_images, cat_ids)
+        dets = _lvis_prefilter(dets, None if fixed else max_dets, gt_img, gt_cat, gt_images, cat_ids)
 
     # ---- splits
     split_index: dict[str, np.ndarray] = {}
@@ -344,18 +469,24 @@ def evaluate_detections(
         if "all" not in split_index:
             split_index["all"] = np.array(sorted(cat_index[i] for i in union), dtype=np.int64)
 
-    precision = _accumulate_in_chunks(backend, kind, gt_dict, dets, gt_img, gt_cat, cat_ids, max_dets,
-                                      max_chunk_detections, max_chunk_pairs, progress)
-    return _summarize(precision, kind, cat_ids, gt_categories, split_index)
+    engine = _Engine(backend, kind, gt_dict, max_dets, iou_type, lvis_max_dets=-1 if fixed else None)
+    precision = _accumulate_in_chunks(engine, dets, gt_img, gt_cat, cat_ids, max_chunk_detections,
+                                      max_chunk_pairs, progress)
+    out = _summarize(precision, kind, cat_ids, gt_categories, split_index)
+    if under_budget is not None:
+        out["classes_under_budget"] = float(under_budget)
+    return out
 
 
-def _lvis_prefilter(dets: _Detections, max_dets: int, gt_img: np.ndarray, gt_cat: np.ndarray,
+def _lvis_prefilter(dets: _Detections, max_dets: int | None, gt_img: np.ndarray, gt_cat: np.ndarray,
                     gt_images: list[dict], cat_ids: np.ndarray) -> _Detections:
     """LVIS rules that look across categories, applied before chunking: top ``max_dets`` per
-    image (``LVISResults``), boxes of zero area dropped (``LVIS.get_ann_ids`` keeps only
-    area > 0), and the federated filter of ``LVISEval._prepare``."""
-    dets = dets.take(_per_image_top_k(dets, max_dets))
-    dets = dets.take(np.flatnonzero(dets.box[:, 2] * dets.box[:, 3] > 0))
+    image (``LVISResults``; None = no cap, Fixed AP), detections of zero area dropped
+    (``LVIS.get_ann_ids`` keeps only area > 0: box area, mask area for mask AP), and the
+    federated filter of ``LVISEval._prepare``."""
+    if max_dets is not None:
+        dets = dets.take(_per_image_top_k(dets, max_dets))
+    dets = dets.take(np.flatnonzero(dets.area() > 0))
     k = np.int64(len(cat_ids))
     image_ids = np.array([img["id"] for img in gt_images], dtype=np.int64)  # sorted
 
@@ -371,9 +502,9 @@ def _lvis_prefilter(dets: _Detections, max_dets: int, gt_img: np.ndarray, gt_cat
     return dets.take(np.flatnonzero(np.isin(keys(dets.image_id, dets.category_id), allowed)))
 
 
-def _accumulate_in_chunks(backend: str, kind: str, gt_dict: dict, dets: _Detections, gt_img: np.ndarray,
-                          gt_cat: np.ndarray, cat_ids: np.ndarray, max_dets: int, max_chunk_detections: int,
-                          max_chunk_pairs: int, progress: Callable[[int], None] | None) -> np.ndarray:
+def _accumulate_in_chunks(engine: _Engine, dets: _Detections, gt_img: np.ndarray, gt_cat: np.ndarray,
+                          cat_ids: np.ndarray, max_chunk_detections: int, max_chunk_pairs: int,
+                          progress: Callable[[int], None] | None) -> np.ndarray:
     num_cats = len(cat_ids)
     precision = -np.ones((len(_IOU_THRS), _NUM_RECALLS, num_cats, len(_AREA_LABELS)))
 
@@ -392,7 +523,6 @@ def _accumulate_in_chunks(backend: str, kind: str, gt_dict: dict, dets: _Detecti
     pair_k, pair_row = np.divmod(pair, np.int64(max(len(image_ids), 1)))
     pair_start = np.searchsorted(pair_k, np.arange(num_cats + 1))
 
-    engine = _Engine(backend, kind, gt_dict, max_dets)
     k0 = 0
     while k0 < num_cats:
         used = np.zeros(len(image_ids), dtype=bool)
@@ -409,13 +539,15 @@ def _accumulate_in_chunks(backend: str, kind: str, gt_dict: dict, dets: _Detecti
         chunk_imgs = image_ids[used].tolist()
         if chunk_imgs:
             lo, hi = int(det_start[k0]), int(det_start[k1])
-            box, score = dets.box[lo:hi], dets.score[lo:hi]
-            area = (box[:, 2] * box[:, 3]).tolist()
+            part = dets.take(np.arange(lo, hi))
             dt_anns = [{"id": lo + n + 1, "image_id": i, "category_id": c, "bbox": b, "score": s, "area": a,
                         "iscrowd": 0}
-                       for n, (i, c, b, s, a) in enumerate(zip(dets.image_id[lo:hi].tolist(),
-                                                               dets.category_id[lo:hi].tolist(),
-                                                               box.tolist(), score.tolist(), area))]
+                       for n, (i, c, b, s, a) in enumerate(zip(part.image_id.tolist(), part.category_id.tolist(),
+                                                               part.box.tolist(), part.score.tolist(),
+                                                               part.area().tolist()))]
+            if part.segm is not None:
+                for d, rle in zip(dt_anns, part.segm):
+                    d["segmentation"] = rle
             precision[:, :, k0:k1, :] = engine.run(cat_ids[k0:k1].tolist(), chunk_imgs, dt_anns)
             del dt_anns
         if progress is not None:

@@ -19,7 +19,15 @@ detector), used by ``rclip eval`` and by fine-tuning's evaluations.
   (:func:`rclip_core.evaluation.results.round_detections`; fine-tuning scores them unrounded,
   as it always has), scored with
   :func:`rclip_core.evaluation.metrics.evaluate_detections` (COCO / LVIS box AP, the OVD split
-  metrics of ``coco_evaluation.py: COCOEvaluator._derive_coco_results``).
+  metrics of ``coco_evaluation.py: COCOEvaluator._derive_coco_results``);
+- under one protocol (``protocol``): ``standard`` (100 detections per image and class for COCO,
+  300 per image for LVIS) or LVIS ``fixed-ap`` (10,000 per class over the split, no per-image
+  cap; :mod:`rclip_core.evaluation.metrics`), recorded in ``EvalResult.protocol`` so that every
+  number a report carries names it;
+- with masks when the predictor returns them (a detector with a mask head): mask AP
+  (``segm_AP``, ``segm_APr``, ...) beside box AP, from compressed RLEs of the masks pasted into
+  the original image (``detectron2/evaluation/coco_evaluation.py: instances_to_coco_json``),
+  when the ground truth has segmentations (else ``notes`` says why there is none).
 
 In GT-box mode (zero-shot, official ``CROP_REGION_TYPE GT``) each image's non-crowd ground-truth
 boxes (at most 500 for LVIS, ``lvis.py: clip_gt_crop``) are given to the predictor, which also
@@ -45,13 +53,13 @@ from torch import Tensor
 from rclip_core.data.coco import DetectionSet, ResolvedImage, resolve_images
 from rclip_core.data.datasets import LVIS_MAX_GT_BOXES, EvalDataset
 from rclip_core.data.images import MAX_SIZE, TEST_SHORT_SIDE, PreparedImage, xywh_to_xyxy
-from rclip_core.errors import InputError
+from rclip_core.errors import InputError, RuntimeFailure
 from rclip_core.evaluation.metrics import evaluate_detections, per_category, summary_metrics
 from rclip_core.evaluation.results import detections_to_rows, round_detections
 from rclip_core.inference import ZeroShotPipeline, detect_images, load_image_batches
 
 __all__ = ["ImageOutput", "BatchItem", "Predictor", "EvalResult", "zero_shot_predictor",
-           "detector_predictor", "evaluate", "run_evaluation", "evaluate_detector"]
+           "detector_predictor", "describe_protocol", "evaluate", "run_evaluation", "evaluate_detector"]
 
 
 
@@ -68,6 +76,7 @@ class ImageOutput:
     scores: Tensor  # [M]
     classes: Tensor  # [M] int64 class index (vocabulary row)
     gt_probs: Tensor | None = None  # [G, K] class probabilities of the given boxes (GT-box mode)
+    masks: list[dict] | None = None  # [M] compressed RLEs in the original image (mask head)
 
 
 BatchItem = tuple[PreparedImage, str, "np.ndarray | None"]
@@ -106,9 +115,17 @@ def detector_predictor(detector) -> Predictor:
     in original pixels, class indices into its eval-mode vocabulary: set it to the dataset's
     classes first)."""
 
+    from rclip_core.evaluation.results import masks_to_rle
+
     def predict(items: Sequence[BatchItem]) -> list[ImageOutput]:
         dets = detect_images(detector, [prep for prep, _, _ in items])
-        return [ImageOutput(d.boxes, d.scores, d.classes) for d in dets]
+        outs = []
+        for (prep, _, _), d in zip(items, dets):
+            masks = None
+            if getattr(d, "masks", None) is not None:  # a mask head: paste and encode (threshold 0.5)
+                masks = masks_to_rle(d.paste_masks((int(prep.orig_size[0]), int(prep.orig_size[1]))))
+            outs.append(ImageOutput(d.boxes, d.scores, d.classes, masks=masks))
+        return outs
 
     return predict
 
@@ -133,6 +150,9 @@ class EvalResult:
     seconds_inference: float = 0.0
     seconds_metrics: float = 0.0
     all_metrics: dict[str, float] = field(default_factory=dict)  # evaluate_detections' full output
+    protocol: dict[str, Any] = field(default_factory=dict)  # name, detections per image / per class, text
+    segmentations: list[dict] | None = None  # one RLE per row of ``detections`` (mask head)
+    notes: list[str] = field(default_factory=list)  # e.g. why there is no mask AP
 
     @property
     def coverage(self) -> str:
@@ -171,6 +191,7 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
              missing: Sequence[str] = (), gt_boxes: bool = False, short_side: int = TEST_SHORT_SIDE,
              max_size: int = MAX_SIZE, backend: str = "faster", batch_size: int = 1, workers: int = 0,
              max_images: int | None = None, max_dets: int | None = None, score_as_saved: bool = True,
+             protocol: str = "standard", per_class_budget: int | None = None,
              progress: Callable[[int], None] | None = None,
              metrics_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Run ``predict`` over ``images`` (those of ``gt`` found on disk) and score the detections.
@@ -186,7 +207,10 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
         batch_size: images per ``predict`` call; ``workers``: DataLoader processes decoding
             ahead of the model (0 = in this process).
         max_images: evaluate only the first N images (by image id), for quick checks.
-        max_dets: detections per image the metrics count (default: 100 COCO, 300 LVIS).
+        max_dets: detections per image the metrics count (default: 100 COCO, 300 LVIS;
+            standard protocol only).
+        protocol: ``standard`` or ``fixed-ap`` (LVIS: the top ``per_class_budget``, default
+            10,000, detections of each class over the images, no per-image cap).
         score_as_saved: round the detections as the results file does before scoring them
             (``rclip eval``: evaluating the saved file reproduces the numbers exactly); False
             scores them as computed (fine-tuning's evaluations, whose numbers predate the
@@ -198,6 +222,7 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
     """
     if max_images is not None and max_images < 1:
         raise InputError("--max-images must be >= 1")
+    protocol_info = describe_protocol(protocol, gt.kind, max_dets, per_class_budget)
     images = sorted(images, key=lambda r: r.image["id"])
     if max_images:
         images = images[:max_images]
@@ -215,6 +240,8 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
             class_split[s] = np.isin(cat_ids, np.array(sorted(ids), dtype=np.int64))
 
     rows: list[np.ndarray] = []
+    segs: list[dict] = []
+    with_masks: list[bool] = []  # per image that produced detections: did the predictor give masks
     evaluated: list[int] = []
     failed: list[tuple[str, str]] = []
     correct, total = 0, 0
@@ -248,6 +275,12 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
             if len(out.scores):
                 rows.append(detections_to_rows(image_id, out.boxes, out.scores,
                                                cat_ids[out.classes.detach().cpu().numpy()]))
+                with_masks.append(out.masks is not None)
+                if out.masks is not None:
+                    if len(out.masks) != len(out.scores):
+                        raise RuntimeFailure(f"the predictor returned {len(out.masks)} masks for "
+                                             f"{len(out.scores)} detections")
+                    segs.extend(out.masks)
             if gt_boxes and out.gt_probs is not None and len(classes):
                 hit = out.gt_probs.argmax(dim=1).cpu().numpy() == classes
                 correct += int(hit.sum())
@@ -261,9 +294,14 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
             progress(done_now * world)
     t1 = time.perf_counter()
 
-    local = (np.concatenate(rows) if rows else np.zeros((0, 7)), evaluated, failed, correct, total, split_counts)
+    local = (np.concatenate(rows) if rows else np.zeros((0, 7)), evaluated, failed, correct, total, split_counts,
+             segs, with_masks)
     parts = _gather(local, world)
     dets = np.concatenate([p[0] for p in parts]).reshape(-1, 7)
+    flags = [f for p in parts for f in p[7]]
+    if any(flags) and not all(flags):
+        raise RuntimeFailure("the predictor returned masks for some images and not for others")
+    seg_all = [r for p in parts for r in p[6]] if flags and all(flags) else None
     evaluated = [i for p in parts for i in p[1]]
     failed = [f for p in parts for f in p[2]]
     correct, total = sum(p[3] for p in parts), sum(p[4] for p in parts)
@@ -273,10 +311,24 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
         raise InputError(f"none of the {len(images)} images could be evaluated; first problem: {first}")
     if score_as_saved:
         dets = round_detections(dets)
+    notes: list[str] = []
+    score_masks = seg_all is not None
+    if score_masks:
+        bare = sum(1 for a in gt.annotations if not a.get("segmentation"))
+        if bare:
+            notes.append(f"no mask AP: {bare} of the {len(gt.annotations)} ground-truth annotations have no "
+                         "segmentation (masks are still saved with the detections)")
+            score_masks = False
+    budget: dict[str, Any] = ({"protocol": "fixed-ap", "per_class_budget": protocol_info["per_class"]}
+                              if protocol == "fixed-ap" else {"max_dets": max_dets})
     full: dict[str, float] = {}
     if rank == 0:
-        full = evaluate_detections(gt, dets, backend=backend, splits=splits, max_dets=max_dets,
-                                   image_ids=evaluated, progress=metrics_progress)
+        full = evaluate_detections(gt, dets, backend=backend, splits=splits, image_ids=evaluated,
+                                   progress=metrics_progress, **budget)
+        if score_masks:
+            segm = evaluate_detections(gt, dets, backend=backend, splits=splits, image_ids=evaluated,
+                                       iou_type="segm", segmentations=seg_all, **budget)
+            full.update({f"segm_{k}": v for k, v in segm.items() if k != "classes_under_budget"})
     if world > 1:
         import torch.distributed as dist
 
@@ -293,23 +345,56 @@ def evaluate(gt: DetectionSet, images: Sequence[ResolvedImage], predict: Predict
                 continue
             metrics[f"region_acc_{s}"] = c / n if n else float("nan")
             region_counts[s] = (c, n)
-    return EvalResult(metrics=metrics,
-                      per_category={"AP": per_category(full, "AP"), "AP50": per_category(full, "AP50")},
+    per_cat = {"AP": per_category(full, "AP"), "AP50": per_category(full, "AP50")}
+    if score_masks:
+        per_cat.update({"segm_AP": per_category(full, "segm_AP"), "segm_AP50": per_category(full, "segm_AP50")})
+    return EvalResult(metrics=metrics, per_category=per_cat,
                       detections=dets, image_ids=sorted(evaluated), num_images=len(gt.images),
                       missing=[str(m) for m in missing], failed=failed, region_counts=region_counts,
-                      seconds_inference=t1 - t0, seconds_metrics=time.perf_counter() - t1, all_metrics=full)
+                      seconds_inference=t1 - t0, seconds_metrics=time.perf_counter() - t1, all_metrics=full,
+                      protocol=protocol_info, segmentations=seg_all, notes=notes)
+
+
+def describe_protocol(protocol: str, kind: str, max_dets: int | None = None,
+                      per_class_budget: int | None = None) -> dict[str, Any]:
+    """What a number under ``protocol`` means, checked before any work: ``{"name",
+    "per_image", "per_class", "text"}`` (detections counted per image / per class over the
+    split; None = no cap). Fixed AP is LVIS-only and takes no per-image cap."""
+    from rclip_core.evaluation.metrics import FIXED_AP_BUDGET, PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown --protocol {protocol!r}", hint=f"use one of: {', '.join(PROTOCOLS)}")
+    if protocol == "fixed-ap":
+        if kind != "lvis":
+            raise InputError(f"--protocol fixed-ap is an LVIS protocol; this data set is {kind.upper()}",
+                             hint="use --protocol standard, or --dataset lvis / lvis-minival")
+        if max_dets is not None:
+            raise InputError("--protocol fixed-ap counts detections per class, not per image")
+        k = int(per_class_budget) if per_class_budget is not None else FIXED_AP_BUDGET
+        if k < 1:
+            raise InputError(f"the per-class detection budget must be >= 1, got {k}")
+        return {"name": "fixed-ap", "per_image": None, "per_class": k,
+                "text": f"Fixed AP: top {k} detections per class over the split, no per-image cap"}
+    if per_class_budget is not None:
+        raise InputError("a per-class detection budget belongs to --protocol fixed-ap")
+    n = int(max_dets) if max_dets is not None else (300 if kind == "lvis" else 100)
+    text = (f"standard LVIS AP: top {n} detections per image" if kind == "lvis"
+            else f"standard COCO AP: {n} detections per image and class (maxDets)")
+    return {"name": "standard", "per_image": n, "per_class": None, "text": text}
 
 
 def run_evaluation(dataset: EvalDataset, predict: Predictor, *, gt_boxes: bool, short_side: int = TEST_SHORT_SIDE,
                    max_size: int = MAX_SIZE, backend: str = "faster", batch_size: int = 1, workers: int = 0,
-                   max_images: int | None = None, progress: Callable[[int], None] | None = None,
+                   max_images: int | None = None, protocol: str = "standard",
+                   per_class_budget: int | None = None, progress: Callable[[int], None] | None = None,
                    metrics_progress: Callable[[int], None] | None = None) -> EvalResult:
     """:func:`evaluate` over an ``EvalDataset`` (``rclip eval``): its images on disk, its
     vocabulary's category ids and splits; its missing images are reported."""
     return evaluate(dataset.gt, dataset.present, predict, category_ids=dataset.vocabulary.category_ids,
                     splits=dataset.splits, missing=[m["file_name"] for m in dataset.missing], gt_boxes=gt_boxes,
                     short_side=short_side, max_size=max_size, backend=backend, batch_size=batch_size,
-                    workers=workers, max_images=max_images, progress=progress, metrics_progress=metrics_progress)
+                    workers=workers, max_images=max_images, protocol=protocol, per_class_budget=per_class_budget,
+                    progress=progress, metrics_progress=metrics_progress)
 
 
 def evaluate_detector(detector, dataset: DetectionSet, images_dir: str | os.PathLike, *,
@@ -355,7 +440,7 @@ def evaluate_detector(detector, dataset: DetectionSet, images_dir: str | os.Path
     if results_path is not None and _rank_world()[0] == 0:
         from rclip_core.evaluation import results  # the one COCO-results writer
 
-        results.write_results(results_path, result.detections)
+        results.write_results(results_path, result.detections, segmentations=result.segmentations)
     metrics = dict(result.all_metrics)
     if result.missing:
         metrics["images_missing"] = float(len(result.missing))

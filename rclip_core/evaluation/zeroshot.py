@@ -32,7 +32,7 @@ def default_options(kind: str, boxes: str) -> DetectOptions:
 
 
 def dataset_class_embeddings(model, vocab: Vocabulary, class_embeddings: str | os.PathLike | None = None,
-                             templates: str = "clip81", average: str = "raw") -> Tensor:
+                             templates: str = "clip81", average: str = "raw", trust: bool = False) -> Tensor:
     """[K, D] embeddings of the vocabulary's classes, rows in vocabulary order: read from
     ``class_embeddings`` (an official ``*_emb.pth`` or rclip embeddings file; its row count, and
     its class names when it has them, must match) or computed with the model's text tower and
@@ -40,7 +40,7 @@ def dataset_class_embeddings(model, vocab: Vocabulary, class_embeddings: str | o
     from rclip_core.weights.loaders import load_class_embeddings
 
     if class_embeddings:
-        emb, names = load_class_embeddings(class_embeddings)
+        emb, names = load_class_embeddings(class_embeddings, trust=trust)  # trust: --trust-weights
         if emb.dim() != 2 or emb.shape[0] != len(vocab):
             raise InputError(f"--class-embeddings has {emb.shape[0]} rows but the dataset has "
                              f"{len(vocab)} classes",

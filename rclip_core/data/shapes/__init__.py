@@ -7,7 +7,8 @@ real captions, mention only some of the objects::
 
     OUT/train/000001.jpg ...          images (file name = 6-digit image id)
     OUT/val/000001.jpg ...
-    OUT/instances_train.json          COCO instances (file_name is relative to OUT/<split>/)
+    OUT/instances_train.json          COCO instances (file_name is relative to OUT/<split>/;
+                                      segmentation = the exact drawn polygon of each shape)
     OUT/instances_val.json
     OUT/split.json                    base/novel classes, same form as coco_ovd_split.json
     OUT/captions_train.jsonl          {"image": "train/000001.jpg", "caption": ..., "concepts": ...}

@@ -159,7 +159,8 @@ class ShapesConfig:
 
 @dataclass
 class ShapeObject:
-    """One drawn shape. ``bbox`` is ``(x, y, w, h)`` in pixels: the full polygon extent."""
+    """One drawn shape. ``bbox`` is ``(x, y, w, h)`` in pixels: the full polygon extent;
+    ``polygon`` the polygon itself."""
 
     shape: str
     colour: str
@@ -171,6 +172,9 @@ class ShapeObject:
     area_px: int  # pixels covered (coverage >= 1/2) before any occlusion
     visible_px: int  # of those, still on top after all later shapes
     occluded_by: list[int] = field(default_factory=list)  # draw orders of the shapes covering it
+    # the drawn polygon, flat [x0, y0, x1, y1, ...] in pixels (2 decimals): the exact, amodal
+    # outline of the shape, like ``bbox`` (occluders are not cut out); COCO ``segmentation``
+    polygon: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:

@@ -99,6 +99,12 @@ def _polygon_alpha(poly: np.ndarray) -> tuple[int, int, np.ndarray]:
     return x0, y0, alpha
 
 
+def _flat_polygon(poly: np.ndarray, size: int) -> tuple[float, ...]:
+    """The drawn polygon as COCO writes it: flat ``(x0, y0, x1, y1, ...)``, inside the image,
+    rounded as the boxes are. Pure arithmetic on the polygon already drawn: no random draw."""
+    return tuple(round(min(max(float(v), 0.0), float(size)), 2) for v in poly.ravel())
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -215,7 +221,7 @@ def render_scene(config: ShapesConfig | None = None, seed: int = 0, split: str =
             shape=shape, colour=colour, category_id=category_id(cfg, si, ci),
             bbox=(round(px0, 2), round(py0, 2), round(px1 - px0, 2), round(py1 - py0, 2)),
             size=round(size_frac, 4), rotation=round(rotation, 2), order=order, area_px=n_px,
-            visible_px=n_px))
+            visible_px=n_px, polygon=_flat_polygon(poly, size)))
     if cfg.noise_level > 0:
         # triangular noise (sum of two uniform bytes, std 104.5 before scaling): ~10x cheaper than
         # Gaussian draws, and the exact distribution does not matter

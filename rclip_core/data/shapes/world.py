@@ -63,7 +63,7 @@ def _render_chunk(args: tuple) -> list[dict]:
         caps = scene_captions(scene, cfg, seed, split, index)
         out.append({
             "index": index, "file_name": name, "closeup": scene.closeup, "hidden": len(scene.hidden),
-            "objects": [(o.category_id, o.bbox, round(o.visible_fraction, 3)) for o in scene.objects],
+            "objects": [(o.category_id, o.bbox, round(o.visible_fraction, 3), o.polygon) for o in scene.objects],
             "captions": caps,
         })
     return out
@@ -106,10 +106,13 @@ def _coco_json(cfg: ShapesConfig, seed: int, split: str, records: list[dict]) ->
         image_id = r["index"] + 1
         images.append({"id": image_id, "file_name": r["file_name"], "width": size, "height": size,
                        "closeup": r["closeup"]})
-        for cid, bbox, vis in r["objects"]:
+        for cid, bbox, vis, polygon in r["objects"]:
             x, y, w, h = bbox
+            # area stays the box area (as before polygons were written: AP's size ranges keep their
+            # meaning); segmentation is the exact drawn polygon, amodal like the box
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cid, "bbox": [x, y, w, h],
-                         "area": round(w * h, 4), "iscrowd": 0, "visible_fraction": vis})
+                         "area": round(w * h, 4), "iscrowd": 0, "visible_fraction": vis,
+                         "segmentation": [list(polygon)]})
     return {
         "info": {"description": f"ShapesWorld {split} (seed {seed})", "version": str(SHAPESWORLD_VERSION),
                  "contributor": "rclip_core.data.shapes"},
