@@ -24,14 +24,14 @@ Fusion modes (``--fusion``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from rclip_core.models.roi_heads import soft_nms_gaussian
+from rclip_core.models.roi_heads import batched_soft_nms_gaussian
 
 CLASSIFIER_TEMPERATURE = 0.01
 FUSION_MODES = ("official", "sigmoid", "none")
@@ -79,6 +79,29 @@ class Detections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def to_supervision(self, class_names: Sequence[str] | None = None):
+        """These detections as a ``supervision.Detections`` (the optional extra
+        ``rclip-toolkit[supervision]``): ``xyxy``, ``confidence`` = scores, ``class_id`` = class
+        indices; ``data["class_name"]`` from ``class_names`` (the vocabulary, row order) when
+        given, and ``data["box_index"]``. Masks, when present, are not converted."""
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError("to_supervision needs the supervision package: "
+                              "pip install 'rclip-toolkit[supervision]'") from None
+        import numpy as np
+
+        classes = self.classes.detach().cpu().numpy().astype(int)
+        data = {"box_index": self.box_index.detach().cpu().numpy().astype(int)}
+        if class_names is not None:
+            names = list(class_names)
+            if len(classes) and int(classes.max()) >= len(names):
+                raise ValueError(f"class index {int(classes.max())} but only {len(names)} class names")
+            data["class_name"] = np.array([names[c] for c in classes], dtype=object).astype(str) \
+                if len(classes) else np.array([], dtype=str)
+        return sv.Detections(xyxy=self.boxes.detach().cpu().float().numpy().reshape(-1, 4),
+                             confidence=self.scores.detach().cpu().float().numpy(), class_id=classes, data=data)
 
 
 @dataclass(kw_only=True)
@@ -184,17 +207,8 @@ def postprocess(boxes: Tensor, probs_with_bg: Tensor, image_size: tuple[int, int
 
 def _soft_nms_per_class(boxes: Tensor, scores: Tensor, classes: Tensor, cfg: InferenceConfig
                         ) -> tuple[Tensor, Tensor]:
-    """Gaussian soft-NMS within each class, then the ``max_dets`` best decayed scores
-    (``detectron2`` ``soft_nms`` as the official LVIS test script uses it) -> (keep, scores)."""
-    keep_all, new_scores = [], []
-    for c in torch.unique(classes).tolist():
-        sel = torch.where(classes == c)[0]
-        k, s = soft_nms_gaussian(boxes[sel], scores[sel], cfg.soft_nms_sigma, cfg.soft_nms_prune)
-        keep_all.append(sel[k])
-        new_scores.append(s)
-    if not keep_all:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros(0)
-    keep = torch.cat(keep_all)
-    final_scores = torch.cat(new_scores)
-    order = torch.sort(final_scores, descending=True, stable=True).indices[: cfg.max_dets]
-    return keep[order], final_scores[order]
+    """Gaussian soft-NMS within each class (``detectron2/layers/soft_nms.py: batched_soft_nms``
+    as ``fast_rcnn_inference_single_image`` calls it), then the first ``max_dets`` in the
+    official pick order -> (keep, decayed scores)."""
+    keep, final_scores = batched_soft_nms_gaussian(boxes, scores, classes, cfg.soft_nms_sigma, cfg.soft_nms_prune)
+    return keep[: cfg.max_dets], final_scores[: cfg.max_dets]

@@ -12,8 +12,10 @@ mask targets and gaussian soft-NMS (torchvision ``roi_heads.py`` style: one stag
 * :func:`decode_box_deltas`: ``detectron2/modeling/box_regression.py: Box2BoxTransform``
   (weights (10, 10, 5, 5), dw/dh clamped at log(1000/16)).
 * :func:`rasterize_polygons_within_box`: mask targets of ``mask_head.py: mask_rcnn_loss``.
-* :func:`soft_nms_gaussian`: Detectron2's ``soft_nms`` (method "gaussian") as the official
-  ``test_transfer_learning.sh`` enables it (``SOFT_NMS_ENABLED``).
+* :func:`soft_nms_gaussian`, :func:`batched_soft_nms_gaussian`: Detectron2's ``soft_nms`` /
+  ``batched_soft_nms`` (method "gaussian", ``detectron2/layers/soft_nms.py`` of the official
+  fork) as ``test_transfer_learning.sh`` enables it (``SOFT_NMS_ENABLED``), with the official
+  numbers (IoU on class-shifted boxes, first-iteration pruning, global pick order).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torchvision.ops import box_iou
 from rclip_core.losses import focal_scaled_cross_entropy, weighted_cross_entropy
 
 __all__ = ["BOX_REG_WEIGHTS", "SCALE_CLAMP", "SampledRoIs", "sample_rois", "fast_rcnn_losses",
-           "rasterize_polygons_within_box", "decode_box_deltas", "soft_nms_gaussian"]
+           "rasterize_polygons_within_box", "decode_box_deltas", "pairwise_iou", "soft_nms_gaussian",
+           "batched_soft_nms_gaussian"]
 
 BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 SCALE_CLAMP = math.log(1000.0 / 16)
@@ -140,28 +143,85 @@ def decode_box_deltas(deltas: Tensor, proposals: Tensor,
     return coder.decode_single(deltas.float(), proposals.float())
 
 
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """[N, 4] x [M, 4] XYXY -> [N, M] IoU as ``detectron2/structures/boxes.py: pairwise_iou``:
+    exactly 0 where the boxes do not intersect, so an empty box never gives 0/0 (torchvision's
+    ``box_iou`` returns NaN for two empty boxes)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = (torch.min(a[:, None, 2:], b[:, 2:]) - torch.max(a[:, None, :2], b[:, :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return torch.where(inter > 0, inter / (area_a[:, None] + area_b - inter), inter.new_zeros(()))
+
+
 def soft_nms_gaussian(boxes: Tensor, scores: Tensor, sigma: float = 0.5, prune: float = 0.001
                       ) -> tuple[Tensor, Tensor]:
-    """Gaussian soft-NMS of one class (Detectron2's ``soft_nms``, method "gaussian").
+    """Gaussian soft-NMS of one group of boxes (``detectron2/layers/soft_nms.py: _soft_nms``,
+    method "gaussian").
 
-    Repeatedly takes the best remaining box, multiplies every remaining score (the picked box's
-    included, which is then removed) by exp(-IoU^2 / sigma) and drops scores <= ``prune``.
+    Repeatedly takes the best remaining box (the first one on ties), multiplies every remaining
+    score (the picked box's included, which is then removed) by exp(-IoU^2 / sigma), IoU of
+    :func:`pairwise_iou`, and drops scores <= ``prune``. The first pick is kept whatever its
+    score; from then on only scores > ``prune`` survive.
 
     Returns (indices into ``boxes`` in pick order, their decayed scores at pick time).
     """
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros(0)
-    iou = box_iou(boxes, boxes)
+    iou = pairwise_iou(boxes, boxes)
     scores = scores.clone()
     alive = torch.ones_like(scores, dtype=torch.bool)
+    neg_inf = torch.full_like(scores, -math.inf)
     picked, picked_scores = [], []
     while bool(alive.any()):
-        masked = torch.where(alive, scores, torch.full_like(scores, -math.inf))
-        top = int(masked.argmax())
+        top = int(torch.where(alive, scores, neg_inf).argmax())  # first maximum, as torch.argmax
         picked.append(top)
         picked_scores.append(scores[top])
-        scores = scores * torch.exp(-(iou[top] ** 2) / sigma)
+        scores = scores * torch.exp(-torch.pow(iou[top], 2) / sigma)
         alive &= scores > prune
         alive[top] = False
     idx = torch.tensor(picked, dtype=torch.int64, device=boxes.device)
     return idx, torch.stack(picked_scores)
+
+
+def batched_soft_nms_gaussian(boxes: Tensor, scores: Tensor, groups: Tensor, sigma: float = 0.5,
+                              prune: float = 0.001) -> tuple[Tensor, Tensor]:
+    """Gaussian soft-NMS within each group (class), with the numbers of
+    ``detectron2/layers/soft_nms.py: batched_soft_nms`` as ``fast_rcnn.py:
+    fast_rcnn_inference_single_image`` calls it (``SOFT_NMS_ENABLED``).
+
+    The official code runs ONE soft-NMS loop over all classes, on boxes shifted by
+    ``class * (boxes.max() + 1)`` so that classes never overlap. Three consequences are
+    reproduced here, while the loop itself runs per class (cross-class IoUs are exactly 0, so
+    the decays are the same):
+
+    * IoUs are computed on the shifted float32 boxes; the shift rounds the coordinates (an
+      ulp of 0.125 px at 1e6), which moves the decayed scores by up to ~1e-3 relative;
+    * the first iteration prunes every box of every class with score <= ``prune`` except the
+      global best (with a score threshold below ``prune``, a class's low best box is dropped);
+    * the output is the global pick order: decayed score descending, ties to the lower input
+      index.
+
+    Args:
+        boxes: [N, 4] XYXY (clipped: non-negative coordinates); scores: [N]; groups: [N] int64.
+    Returns:
+        (keep [M] indices into the inputs, their decayed scores [M]), best first.
+    """
+    n = int(scores.shape[0])
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device), scores.new_zeros(0)
+    shifted = boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None]
+    first = int(scores.argmax())
+    live = scores > prune
+    live[first] = True
+    keep_all, score_all = [], []
+    for g in torch.unique(groups[live]).tolist():
+        sel = torch.where((groups == g) & live)[0]
+        k, s = soft_nms_gaussian(shifted[sel], scores[sel], sigma, prune)
+        keep_all.append(sel[k])
+        score_all.append(s)
+    keep = torch.cat(keep_all)
+    final = torch.cat(score_all)
+    order = torch.sort(keep, stable=True).indices  # ties: the lower input index first
+    order = order[torch.sort(final[order], descending=True, stable=True).indices]
+    return keep[order], final[order]

@@ -30,6 +30,18 @@ def ddp_buffer_sync(sync: bool) -> dict[str, bool]:
     return {"find_unused_parameters": False, key: sync}
 
 
+def merge_data_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data reports of every process as one: counts summed, the first examples kept."""
+    out: dict[str, Any] = {"bad_items": 0, "bad_examples": []}
+    for r in reports:
+        bad = r.get("bad_items", {})
+        out["bad_items"] += int(bad.get("count", 0))
+        out["bad_examples"] = (out["bad_examples"] + list(bad.get("examples", [])))[:5]
+        if "gt_box_misses" in r:
+            out["gt_box_misses"] = out.get("gt_box_misses", 0) + int(r["gt_box_misses"])
+    return out
+
+
 class PretrainStream:
     """:class:`rclip_core.engine.data.PretrainData` as the trainer's stream: one forward pass of
     ``per_pass`` samples per ``next_batch()``."""
@@ -78,8 +90,15 @@ class PretrainTask(Task):
         data = PretrainData([resolve_data_path(r, c) for c in d.captions], self.transform, fmt=d.format,
                             images_root=resolve_data_path(r, d.images_root) if d.images_root else None,
                             seed=r.seed, rank=rank, world_size=world, num_workers=d.num_workers,
-                            caption_choice=d.caption_choice, max_images=d.max_images)
+                            caption_choice=d.caption_choice, max_images=d.max_images,
+                            max_bad_items=d.max_bad_items)
+        self._data = data
         return PretrainStream(data, per_pass)
+
+    def data_report(self) -> dict[str, Any]:
+        """This process's skipped training items (see :meth:`PretrainData.bad_items`)."""
+        data = getattr(self, "_data", None)
+        return {"bad_items": data.bad_items() if data is not None else {"count": 0, "examples": []}}
 
     def rng_state(self) -> dict[str, Any]:
         return {"regions": self.generator.get_state()}
@@ -97,8 +116,11 @@ class PretrainTask(Task):
         from rclip_core.dist import barrier, get_rank
         from rclip_core.fileio import atomic_write_json
 
+        from rclip_core.engine.trainer import _gather_objects
+
         out = Path(self.recipe.output_dir).expanduser()
         final, evaluation = None, None
+        self.report = merge_data_reports(_gather_objects(self.data_report()))
         if get_rank() == 0:
             meta = {"mode": self.recipe.mode, "steps": step, "seed": self.recipe.seed, "world_size": world}
             final = self.save_final(out / FINAL_WEIGHTS, meta)
