@@ -32,3 +32,35 @@ def repo_root() -> Path:
 def sample_image() -> Path:
     """A real 1920x1080 photo: the official demo's sample_img1.jpg (shipped under tests/data)."""
     return REPO / "tests" / "data" / "sample_img1.jpg"
+
+
+# ----------------------------------------------------------------------------- CUDA tests
+# Tests that need a GPU carry @pytest.mark.cuda. Without CUDA they are skipped with a reason
+# (shown by -ra) and listed by name at the end of the run, so nothing hides; on a GPU machine
+# `benchmarks/gpu_check.sh` runs them (`pytest -m cuda`).
+
+CUDA_SKIP_REASON = "needs CUDA: run benchmarks/gpu_check.sh on a GPU machine"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r.nodeid for r in terminalreporter.stats.get("skipped", [])
+               if "cuda" in getattr(r, "keywords", {}) or CUDA_SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.section(f"{len(skipped)} CUDA tests skipped (no GPU here)", sep="-")
+        for nodeid in skipped:
+            terminalreporter.write_line(nodeid)

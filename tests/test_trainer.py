@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rclip_core.engine.trainer import _legacy_ranks, amp_policy, resume_mismatch
-from test_pretrain import image_text_tiny, regionclip_tiny, world  # noqa: F401 - the fixture
+from test_pretrain import _label_shards, image_text_tiny, regionclip_tiny, world  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,11 +53,27 @@ def _finetune_args(world: Path, out: Path) -> list[str]:
             "test-micro", "--random-init", "--out", str(out), *[f"{k}={v}" for k, v in over.items()]]
 
 
+def _regionclip_shards(world: Path, out: Path, shards: Path) -> dict:
+    """Regions and their labels from `rclip pseudo-label` shards (a random student, no teacher)."""
+    d = _regionclip(world, out)
+    d["regions"] = {"source": "shards", "shards": str(shards), "per_image": 4}
+    d["concepts"] = {"templates": "single"}  # the pool comes from the shards
+    d["model"] = {"student": {"model": "test-micro", "random_init": True}}
+    return d
+
+
 def _command(kind: str, world: Path, out: Path, tmp: Path) -> list[str]:
     if kind == "detection":
         return _finetune_args(world, out)
     recipe = tmp / f"{out.name}.yaml"
-    recipe.write_text(yaml.safe_dump((_regionclip if kind == "regionclip" else _image_text)(world, out)))
+    if kind == "regionclip_shards":
+        shards = tmp / "labels"
+        if not shards.exists():
+            _label_shards(world, shards, topk=5)
+        d = _regionclip_shards(world, out, shards)
+    else:
+        d = (_regionclip if kind == "regionclip" else _image_text)(world, out)
+    recipe.write_text(yaml.safe_dump(d))
     return ["pretrain", str(recipe)]
 
 
@@ -94,11 +110,12 @@ def _weights(kind: str, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["regionclip", "image_text", "detection"])
+@pytest.mark.parametrize("kind", ["regionclip", "regionclip_shards", "image_text", "detection"])
 def test_kill_9_under_torchrun_with_workers_resumes_bit_identical(kind, world, tmp_path):
     """Two processes, one DataLoader worker each: a run killed (SIGKILL to torchrun and its
     workers) after step 3, with checkpoints at 2 and 4, resumed with --resume --nproc 2, ends with
-    exactly the weights (and logged losses) of an uninterrupted run."""
+    exactly the weights (and logged losses) of an uninterrupted run. ``regionclip`` labels random
+    boxes online with the teacher; ``regionclip_shards`` reads `rclip pseudo-label` shards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", RCLIP_CACHE=str(tmp_path / "cache"))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _run(_command(kind, world, straight, tmp_path), env)

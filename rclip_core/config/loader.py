@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -196,6 +197,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _Mismatch(key, f"must be an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no recipe value means "infinite" or "undefined"
+                raise _Mismatch(key, f"must be a finite number, got {_show(value)}")
             return float(value)
         raise _Mismatch(key, f"must be a number, got {_show(value)}")
     if tp is str:
@@ -405,6 +408,12 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or e
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in str(problem):
+            # e.g. !!python/object: the safe loader builds no Python objects, and says so
+            m = re.search(r"'([^']+)'", str(problem))
+            tag = (m.group(1) if m else str(problem)).replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"recipe {path}{where}: the YAML tag {tag} is not allowed (recipes are plain "
+                              "data, read with the safe loader)") from None
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None

@@ -91,11 +91,26 @@ class DataConfig:
         ``INTERPOLATION 3``.
     flip: random horizontal flip (paper: yes; off for ShapesWorld, whose captions say
         "left of" / "right of").
+    input_path: region mode: how a training image reaches the model.
+        ``rclip`` (default): Detectron2 ``ResizeShortestEdge`` sizes (``int(x + 0.5)``, the
+        sizes of inference: 1920x1080 -> 1333x750), the RPN branch gets the 0-255 pixel
+        values, and the image-text loss boxes each image's own extent [0, 0, w_i, h_i], so an
+        image's embedding does not depend on the other images of its batch.
+        ``official``: the released pretraining code (``detectron2/data/transforms/build.py:
+        build_clip_transforms`` with the vendored torchvision ``Resize``, ``clip_rcnn.py:
+        PretrainFastRCNN``): truncated sizes (1920x1080 -> 1333x749; an image whose short side
+        already equals the target is not resized), the RPN branch gets ``ToTensor(x) * 255``
+        in BGR (in float32 the same numbers as the pixel values), and the whole-image box is the padded batch canvas [0, 0, W_pad, H_pad] for
+        every image. Use it to reproduce the official pretraining step for step.
     image_size: image_text mode: the square the whole image is resized to; it must be the
         architecture's native resolution (the default), whose attention pool has a fixed grid.
     num_workers: DataLoader worker processes (decoding); 0 = in the training process.
     max_images: train on the first N distinct images of the caption files only (in file order,
         the order in which ``rclip pseudo-label --max-images N`` labels them); caption files only.
+    max_bad_items: training items that may be skipped on each process before the run stops
+        (unreadable or missing images, a text file named .jpg, shard samples without a caption,
+        shards that break off); the first few are named, and the counts are in the result.
+        0 = stop at the first; null = never stop.
     """
 
     root: str | None = None
@@ -107,11 +122,15 @@ class DataConfig:
     max_size: int = 1333
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     flip: bool = True
+    input_path: Literal["rclip", "official"] = "rclip"
     image_size: int | None = None
     num_workers: int = 4
     max_images: int | None = None
+    max_bad_items: int | None = 100
 
     def __post_init__(self) -> None:
+        if self.max_bad_items is not None and self.max_bad_items < 0:
+            raise ValueError(f"data.max_bad_items must be >= 0 (or null), got {self.max_bad_items}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"data.max_images must be >= 1, got {self.max_images}")
         if not self.short_sides or any(s < 16 for s in self.short_sides):

@@ -14,7 +14,7 @@ from typing import Literal
 from rclip_core.config.loader import RunConfig
 from rclip_core.errors import InputError
 
-__all__ = ["ModelSource", "OptimConfig", "BatchConfig", "LoggingConfig", "TrainRecipe", "AMP_DTYPES"]
+__all__ = ["ModelSource", "OptimConfig", "BatchConfig", "LoggingConfig", "TrainRecipe", "AMP_DTYPES", "non_finite_field"]
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
@@ -172,13 +172,43 @@ class TrainRecipe(RunConfig):
     amp: mixed precision on CUDA (never on the CPU). amp_dtype: ``auto`` = bf16 where the GPU
     supports it, else fp16 with a gradient scaler; ``bf16`` / ``fp16`` force one (the losses and
     the cosine classifier always run in fp32). The official code trains in fp32: ``amp: false``.
+    trust_weights: also read weights files that run code when loaded (pickles that need
+    ``weights_only=False``, TorchScript whose state its own ``__setstate__`` builds; OpenAI's
+    ``RN50.pt`` is read as data without it) wherever the recipe names weights (the CLI's
+    ``--trust-weights``); refused by default.
     """
 
     amp: bool = True
+    trust_weights: bool = False
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     #: top-level keys that may change when a run is resumed (everything else must be equal)
-    RESUMABLE_CHANGES = ("output_dir", "max_steps", "checkpoint_every", "logging", "test", "eval")
+    RESUMABLE_CHANGES = ("output_dir", "max_steps", "checkpoint_every", "logging", "test", "eval", "trust_weights")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = non_finite_field(self)
+        if bad is not None:  # recipes built in Python skip the loader's check
+            raise ValueError(f"{bad} must be a finite number")
+
+
+def non_finite_field(obj: object, prefix: str = "") -> str | None:
+    """The dotted name of the first NaN or infinite float in a recipe dataclass tree, or None."""
+    import dataclasses
+    import math
+
+    values = ([(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj)
+              else list(obj.items()) if isinstance(obj, dict)
+              else [(str(i), v) for i, v in enumerate(obj)] if isinstance(obj, (list, tuple)) else [])
+    for name, v in values:
+        key = f"{prefix}{name}" if not isinstance(obj, (list, tuple)) else f"{prefix[:-1]}[{name}]"
+        if isinstance(v, float) and not math.isfinite(v):
+            return key
+        if dataclasses.is_dataclass(v) or isinstance(v, (dict, list, tuple)):
+            found = non_finite_field(v, key + ".")
+            if found is not None:
+                return found
+    return None

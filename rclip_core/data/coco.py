@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, NamedTuple
+from typing import Any, Iterable, Literal, NamedTuple, Sequence
 from urllib.parse import urlparse
 
 from rclip_core.errors import InputError
@@ -139,6 +139,7 @@ def load_instances(path: str | os.PathLike | dict,
     cat_ids = _validate_categories(categories, kind, where)
     image_ids = _validate_images(images, kind, where)
     _validate_annotations(annotations, image_ids, cat_ids, where)
+    _check_boxes_inside(annotations, images, where)
     return DetectionSet(images=images, annotations=annotations, categories=categories,
                         kind=kind, raw=data, source=source)
 
@@ -233,6 +234,19 @@ def _validate_annotations(annotations: list, image_ids: set[int], cat_ids: set[i
                          f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
 
 
+def _check_boxes_inside(annotations: list, images: list, where: str) -> None:
+    """Refuse a box that lies wholly outside its image (a box that crosses the border is
+    clipped when it is used, as Detectron2 does): it names pixels of another image size."""
+    size = {img["id"]: (img["width"], img["height"]) for img in images}
+    for ann in annotations:
+        x, y, w, h = ann["bbox"]
+        iw, ih = size[ann["image_id"]]
+        if x >= iw or y >= ih or x + w < 0 or y + h < 0:
+            raise InputError(f"{where}: annotation {ann['id']} has bbox {ann['bbox']!r}, wholly outside its "
+                             f"{iw}x{ih} image {ann['image_id']}",
+                             hint="boxes are [x, y, width, height] in the pixels of the image's width x height")
+
+
 def resolve_images(dataset: DetectionSet,
                    images_dir: str | os.PathLike) -> tuple[list[ResolvedImage], list[dict]]:
     """Find every image of ``dataset`` under ``images_dir``.
@@ -257,6 +271,29 @@ def resolve_images(dataset: DetectionSet,
         else:
             missing.append(img)
     return present, missing
+
+
+def size_mismatches(present: Sequence[ResolvedImage], limit: int | None = None) -> list[tuple[ResolvedImage, tuple[int, int]]]:
+    """The images whose file (EXIF orientation applied) has another size than its ``width`` x
+    ``height`` entry, with the file's (width, height); the first ``limit`` images are checked
+    (all when None). Images whose header cannot be read are not counted here (the decoder
+    reports them). Boxes are in the annotated pixel grid, so a disagreeing file puts every box
+    in the wrong place: fine-tuning refuses any, evaluation a file where all disagree."""
+    from rclip_core.data.images import image_size
+
+    out = []
+    for r in present[:limit] if limit is not None else present:
+        size = image_size(r.path)
+        if size is not None and size != (int(r.image["width"]), int(r.image["height"])):
+            out.append((r, size))
+    return out
+
+
+def size_mismatch_error(bad: list, checked: int, where: str) -> InputError:
+    r, (w, h) = bad[0]
+    return InputError(f"{len(bad)} of {checked} images have other sizes than {where} says (e.g. {r.path.name} is "
+                      f"{w}x{h}, the annotations say {r.image['width']}x{r.image['height']})",
+                      "the instances file belongs to other (resized?) images: pass the matching --images folder")
 
 
 def filter_categories(dataset: DetectionSet, keep_ids: Iterable[int],

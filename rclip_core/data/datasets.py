@@ -15,6 +15,11 @@
                        Evaluation: val, ``AP``, ``APr``, ``APc``, ``APf``. Training: the 866
                        common + frequent classes (``detectron2/data/datasets/lvis.py``,
                        ``filter_open_cls``), tested on all 1203.
+``lvis-minival``       LVIS v1 minival (evaluation only): the ~5k-image subset of LVIS val
+                       (images not in COCO train2017) on which GLIP, YOLO-World and
+                       MM-Grounding-DINO report (MDETR's ``lvis_v1_minival*.json``), read from
+                       the annotation file the user gives (``--annotations``, default
+                       ``IMAGES/../annotations/lvis_v1_minival.json``); the same 1203 classes.
 ``shapes:DIR`` / DIR   A ShapesWorld (``rclip data shapes``; a bare DIR must hold ``world.json``):
                        base/novel from its ``split.json``. Evaluation: its val split. Training:
                        train on the base classes of train, test on all classes of val.
@@ -41,7 +46,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rclip_core.data.coco import DetectionSet, ResolvedImage, filter_categories, load_instances, \
-    resolve_images, split_from_names
+    resolve_images, size_mismatch_error, size_mismatches, split_from_names
 from rclip_core.data.shapes.world import read_shapes_world
 from rclip_core.data.vocab import Vocabulary, class_name_key, get_vocabulary
 from rclip_core.errors import InputError
@@ -61,14 +66,18 @@ STANDARD_DATASETS: dict[str, tuple[str, str]] = {
     "coco-ovd": ("coco-ovd", "instances_val2017.json"),
     "coco": ("coco", "instances_val2017.json"),
     "lvis": ("lvis", "lvis_v1_val.json"),
+    "lvis-minival": ("lvis", "lvis_v1_minival.json"),
 }
 
 #: detectron2's LVIS loader keeps at most 500 ground-truth boxes per image
 #: (``detectron2/data/datasets/lvis.py``, ``clip_gt_crop``); in GT-box mode these are the
 #: regions the model sees.
 LVIS_MAX_GT_BOXES = 500
+#: images whose size evaluation checks against the annotations before any work (all disagreeing = wrong file)
+SIZE_PROBE = 20
 
-_HINT_NAMES = "coco, coco-ovd, lvis, shapes:DIR or PATH.json"
+_HINT_NAMES = "coco, coco-ovd, lvis, lvis-minival, shapes:DIR or PATH.json"
+DATASET_NAMES_EVAL_ORDER = tuple(n for n in STANDARD_DATASETS if n != "lvis-minival")
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,11 +232,12 @@ def resolve_dataset(dataset: str, images: str | os.PathLike | None = None,
         ann = Path(annotations).expanduser() if annotations else \
             _default_annotations(images_dir, file_name, name)
         full = load_instances(ann)
-        if name == "lvis" and full.kind != "lvis":
+        is_lvis = vocab_name == "lvis"
+        if is_lvis and full.kind != "lvis":
             raise InputError(f"{ann} is a COCO instances file, not LVIS v1 (no r/c/f frequencies)",
-                             hint="use lvis_v1_val.json, or --dataset coco / PATH.json for this file")
-        if name != "lvis" and full.kind == "lvis":
-            raise InputError(f"{ann} is an LVIS file, not COCO instances", hint="use --dataset lvis")
+                             hint=f"use {file_name}, or --dataset coco / PATH.json for this file")
+        if not is_lvis and full.kind == "lvis":
+            raise InputError(f"{ann} is an LVIS file, not COCO instances", hint="use --dataset lvis or lvis-minival")
         vocab = get_vocabulary(vocab_name)
         _check_categories(full, vocab, ann, name)
         if novel is not None and name != "coco":
@@ -241,7 +251,8 @@ def resolve_dataset(dataset: str, images: str | os.PathLike | None = None,
             gt = full if len(full.categories) == len(vocab) else \
                 filter_categories(full, vocab.category_ids, drop_empty_images=False)
             splits = split_from_names(gt, novel, base) if novel is not None else None
-            description = "COCO (80 classes)" if name == "coco" else "LVIS v1 (1203 classes: r/c/f)"
+            description = {"coco": "COCO (80 classes)", "lvis": "LVIS v1 val (1203 classes: r/c/f)",
+                           "lvis-minival": f"LVIS v1 minival ({len(gt.images)} images, 1203 classes: r/c/f)"}[name]
     else:
         world_root: Path | None = None
         folder = _shapes_folder(key)
@@ -253,8 +264,8 @@ def resolve_dataset(dataset: str, images: str | os.PathLike | None = None,
         else:
             ann = Path(key).expanduser()
             if not ann.exists():
-                raise InputError(f"--dataset {key}: not one of {', '.join(STANDARD_DATASETS)}, shapes:DIR, "
-                                 "nor an existing instances file")
+                raise InputError(f"--dataset {key}: not one of {', '.join(DATASET_NAMES_EVAL_ORDER)}, shapes:DIR, "
+                                 "lvis-minival (evaluation only), nor an existing instances file")
             if annotations:
                 raise InputError("--annotations goes with --dataset coco-ovd|coco|lvis; "
                                  "with --dataset PATH.json the file is the annotations")
@@ -287,6 +298,12 @@ def resolve_dataset(dataset: str, images: str | os.PathLike | None = None,
         raise InputError(f"none of the {len(gt.images)} images of {ann} is in {images_dir} (e.g. {example})",
                          hint="--images must be the folder that holds the files named in the annotations "
                               "(e.g. COCO's val2017/)")
+    # a file that disagrees with every image is the wrong file for this folder: refused here,
+    # before any header is printed (single disagreeing images are counted as failed by the protocol)
+    probe = min(len(present), SIZE_PROBE)
+    bad = size_mismatches(present, probe)
+    if probe and len(bad) == probe:
+        raise size_mismatch_error(bad, probe, str(ann))
     present.sort(key=lambda r: r.image["id"])
     return EvalDataset(name=name, gt=gt, vocabulary=vocab, splits=splits, annotations=ann,
                        images_dir=images_dir, present=present, missing=missing, description=description)

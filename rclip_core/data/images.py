@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from rclip_core.errors import InputError
@@ -97,6 +96,22 @@ def read_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         raise InputError(f"cannot read image {p}: corrupt or truncated ({' '.join(str(e).split())})") from None
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of an image file as :func:`read_image` returns it (EXIF orientation
+    applied), read from its header without decoding the pixels; None when the file cannot be
+    opened as an image (the decoder then says why)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION)
+            except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation (as read_image)
+                orientation = None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def xywh_to_xyxy(boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     """COCO ``[x, y, w, h]`` boxes -> ``[x0, y0, x1, y1]``: ``[N, 4]`` float64 (``[0, 4]`` for none)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -131,8 +146,11 @@ class PreparedImage:
         return self.size[1] / self.orig_size[1], self.size[0] / self.orig_size[0]
 
 
-def resize_image(img: Image.Image, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE) -> PreparedImage:
-    """PIL RGB image -> :class:`PreparedImage` (PIL BILINEAR on uint8, as Detectron2)."""
+def resize_array(img: Image.Image, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE
+                 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """PIL RGB image -> (resized uint8 [H, W, 3], original (h, w), resized (h, w)) (PIL BILINEAR
+    on uint8, as Detectron2). Needs no torch: the ONNX runtime helper
+    (:class:`rclip_core.export.OnnxDetector`) resizes with it too."""
     w, h = img.size
     if w < 1 or h < 1:
         raise InputError("image has zero size")
@@ -141,9 +159,16 @@ def resize_image(img: Image.Image, short: int = TEST_SHORT_SIDE, max_size: int =
         resized = img.resize((nw, nh), Image.BILINEAR)
     else:
         resized = img
-    arr = np.asarray(resized, dtype=np.uint8)
+    return np.asarray(resized, dtype=np.uint8), (h, w), (nh, nw)
+
+
+def resize_image(img: Image.Image, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE) -> PreparedImage:
+    """PIL RGB image -> :class:`PreparedImage` (:func:`resize_array`, as float32 [3, H, W])."""
+    import torch
+
+    arr, orig, size = resize_array(img, short, max_size)
     t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
-    return PreparedImage(tensor=t, orig_size=(h, w), size=(nh, nw))
+    return PreparedImage(tensor=t, orig_size=orig, size=size)
 
 
 def load_image(path: str | os.PathLike, short: int = TEST_SHORT_SIDE, max_size: int = MAX_SIZE) -> PreparedImage:
@@ -154,6 +179,8 @@ def load_image(path: str | os.PathLike, short: int = TEST_SHORT_SIDE, max_size: 
 def boxes_to_resized(boxes: np.ndarray | Sequence[Sequence[float]], prep: PreparedImage) -> torch.Tensor:
     """XYXY boxes in original-image pixels -> float32 boxes in the resized image, clipped to it
     (``apply_box`` in float64, ``clip(min=0)`` then ``minimum(..., [W, H, W, H])``)."""
+    import torch
+
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     sx = prep.size[1] * 1.0 / prep.orig_size[1]
     sy = prep.size[0] * 1.0 / prep.orig_size[0]

@@ -32,12 +32,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rclip_core.errors import InputError, RuntimeFailure
+from rclip_core.errors import InputError
 
 __all__ = [
     "TrainSample",
     "ShortSideResize",
     "SquareResize",
+    "torchvision_resized_shape",
     "PretrainData",
     "image_key_of",
 ]
@@ -71,16 +72,44 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+def torchvision_resized_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """(h, w) after the official pretraining resize (``detectron2/data/transforms/build.py:
+    build_clip_transforms`` with the vendored ``torchvision_transforms/functional_pil.py: resize``):
+    the long side is ``int(short * long / short_side)``, truncated; when it exceeds
+    ``max_size`` the short side becomes ``int(max_size * short / that_long)``, again truncated,
+    and the long side ``max_size``; an image whose short side already equals ``short`` is not
+    resized at all, whatever its long side. 1920x1080 -> 1333x749 (inference: 1333x750)."""
+    lo, hi = (w, h) if w <= h else (h, w)
+    if lo == short:
+        return h, w
+    new_short, new_long = short, int(short * hi / lo)
+    if new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+SIZE_RULES = ("detectron2", "torchvision")
+
+
 @dataclass(frozen=True)
 class ShortSideResize:
-    """Detectron2 ``ResizeShortestEdge`` (short side drawn from ``short_sides``, long side
-    <= ``max_size``, ``int(x + 0.5)`` rounding) with the pretraining's bicubic interpolation
-    (official ``AUG.TRAIN.IMAGE_SIZE``, ``INTERPOLATION 3``), then a horizontal flip with probability 1/2 when ``flip``."""
+    """Short side drawn from ``short_sides``, long side <= ``max_size``, bicubic by default (the
+    pretraining's ``AUG.TRAIN.IMAGE_SIZE``, ``INTERPOLATION 3``), then a horizontal flip with
+    probability 1/2 when ``flip``.
+
+    ``size_rule``: ``detectron2`` = ``ResizeShortestEdge`` sizes (``int(x + 0.5)``, the sizes
+    inference uses); ``torchvision`` = the official pretraining's vendored ``Resize``
+    (:func:`torchvision_resized_shape`: truncated sizes)."""
 
     short_sides: tuple[int, ...]
     max_size: int
     interpolation: str = "bicubic"
     flip: bool = True
+    size_rule: str = "detectron2"
+
+    def __post_init__(self) -> None:
+        if self.size_rule not in SIZE_RULES:
+            raise ValueError(f"size_rule must be one of {', '.join(SIZE_RULES)}, got {self.size_rule!r}")
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int], bool]:
         from rclip_core.data.images import resized_shape
@@ -89,7 +118,8 @@ class ShortSideResize:
             else int(self.short_sides[0])
         flipped = bool(self.flip and rng.random() < 0.5)
         w, h = img.size
-        nh, nw = resized_shape(h, w, short, self.max_size)
+        shape = torchvision_resized_shape if self.size_rule == "torchvision" else resized_shape
+        nh, nw = shape(h, w, short, self.max_size)
         if (nh, nw) != (h, w):
             img = img.resize((nw, nh), _INTERPOLATION[self.interpolation])
         if flipped:
@@ -190,11 +220,18 @@ class PretrainData:
         num_workers: DataLoader workers (decoding and resizing happen there).
         caption_choice: ``random`` (one caption per image and epoch, seeded) or ``first``.
         max_images: keep only the first N distinct images of the caption files (in order).
+        max_bad_items: skipped items (unreadable images, broken shard samples or shards) this
+            process tolerates before an InputError that names the first few; None = no limit.
+            :meth:`bad_items` counts them.
     """
+
+    #: skipped items named in messages and reports
+    NAMED_BAD = 5
 
     def __init__(self, sources: Sequence[str], transform: Any, *, fmt: str | None = None,
                  images_root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, caption_choice: str = "random", max_images: int | None = None) -> None:
+                 num_workers: int = 0, caption_choice: str = "random", max_images: int | None = None,
+                 max_bad_items: int | None = None) -> None:
         from rclip_core.data.captions import resolve_sources
         from rclip_core.data.streams import ImageTextDataset
 
@@ -224,6 +261,11 @@ class PretrainData:
         self.epoch = 0
         self.position = 0
         self.skipped = 0
+        self.max_bad_items = max_bad_items
+        self.bad_examples: list[str] = []  # the first NAMED_BAD skipped images of this process
+        self._shard_bad = 0  # skipped shard items of the epochs streamed before the current one
+        self._shard_ds: Any = None
+        self._read_in_epoch = 0
         self._iter: Iterator[Any] | None = None
         self._loader: DataLoader | None = None
 
@@ -234,9 +276,34 @@ class PretrainData:
         """Indexed images (0 for shard streams)."""
         return len(self.entries)
 
-    def state_dict(self) -> dict[str, int]:
+    def bad_items(self) -> dict[str, Any]:
+        """Items this process skipped so far: ``{"count", "images", "shard_items", "examples"}``
+        (shard items: missing / corrupt images, samples without a caption and shards that broke
+        off, as :attr:`rclip_core.data.streams.ImageTextDataset.stats` counts them)."""
+        shard = self._shard_bad + self._current_shard_bad()
+        return {"count": self.skipped + shard, "images": self.skipped, "shard_items": shard,
+                "examples": list(self.bad_examples)}
+
+    def _current_shard_bad(self) -> int:
+        if self._shard_ds is None:
+            return 0
+        st = self._shard_ds.stats
+        return int(st["skipped_missing"] + st["skipped_corrupt"] + st["skipped_no_caption"] + st["bad_shards"])
+
+    def _check_bad(self) -> None:
+        if self.max_bad_items is None:
+            return
+        n = self.bad_items()["count"]
+        if n > self.max_bad_items:
+            named = f" (e.g. {', '.join(self.bad_examples)})" if self.bad_examples else ""
+            raise InputError(f"{n} training items could not be read, more than data.max_bad_items="
+                             f"{self.max_bad_items}{named}",
+                             hint="fix or remove them, or raise data.max_bad_items (null = no limit)")
+
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped,
-                "world_size": self.world_size, "num_images": len(self.entries)}
+                "world_size": self.world_size, "num_images": len(self.entries),
+                "bad_examples": list(self.bad_examples), "shard_bad": self._shard_bad + self._current_shard_bad()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` (from :meth:`state_dict`) stopped. A state saved with another
@@ -250,10 +317,15 @@ class PretrainData:
         else:
             self.epoch, self.position = int(state.get("epoch", 0)) + 1, 0
         self.skipped = int(state.get("skipped", 0))
+        self.bad_examples = [str(x) for x in state.get("bad_examples", [])]
+        self._shard_bad = int(state.get("shard_bad", 0))
 
     def close(self) -> None:
         self._iter = None
         self._loader = None
+        if self._shard_ds is not None:
+            self._shard_bad += self._current_shard_bad()
+            self._shard_ds = None
 
     # ---- iteration
 
@@ -286,9 +358,13 @@ class PretrainData:
                               caption_choice=self.caption_choice, shuffle=True, seed=self.seed,
                               rank=self.rank, world_size=self.world_size)
         ds.set_epoch(epoch)
+        if self._shard_ds is not None:
+            self._shard_bad += self._current_shard_bad()
+        self._shard_ds = ds
         self._loader = DataLoader(ds, **self._loader_kwargs())
         n = 0
         for sample in self._loader:
+            self._check_bad()
             n += 1
             if n <= skip:
                 continue
@@ -309,19 +385,27 @@ class PretrainData:
             try:
                 item = next(self._iter)
             except StopIteration:
-                if self.position == 0:
+                self._check_bad()
+                if self._read_in_epoch == 0:  # a whole epoch without one readable image
                     empty_epochs += 1
                     if empty_epochs > 1:
-                        raise RuntimeFailure("the training data yields no readable image",
-                                             hint="check the caption files and image paths") from None
+                        named = f" (e.g. {', '.join(self.bad_examples)})" if self.bad_examples else ""
+                        raise InputError(f"the training data yields no readable image{named}",
+                                         hint="check the caption files and image paths") from None
                 self.epoch += 1
                 self.position = 0
+                self._read_in_epoch = 0
                 self._iter = None
                 continue
             self.position += 1
             if isinstance(item, tuple) and len(item) == 2 and item[1] is None:
                 self.skipped += 1
+                path = self.entries[item[0]].path
+                if len(self.bad_examples) < self.NAMED_BAD and path not in self.bad_examples:
+                    self.bad_examples.append(path)
+                self._check_bad()
                 continue
             batch.append(item)
+            self._read_in_epoch += 1
             empty_epochs = 0
         return batch

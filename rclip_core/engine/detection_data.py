@@ -75,11 +75,16 @@ def build_train_records(dataset: DetectionSet, images_dir: str | os.PathLike, cl
     With ``with_polygons`` every kept annotation must carry polygon ``segmentation`` (mask
     head). Images missing under ``images_dir`` are an InputError (they mean a wrong folder).
     """
+    from rclip_core.data.coco import size_mismatch_error, size_mismatches
+
     present, missing = resolve_images(dataset, images_dir)
     if missing:
         raise InputError(f"{len(missing)} of {len(dataset.images)} training images are not in {images_dir} "
                          f"(e.g. {missing[0]['file_name']})",
                          "pass the folder that holds the images of the instances file with --images")
+    bad = size_mismatches(present)
+    if bad:
+        raise size_mismatch_error(bad, len(present), str(dataset.source or "the instances file"))
     per_image: dict[int, list[dict]] = {}
     for ann in dataset.annotations:
         if ann.get("iscrowd", 0) or ann["category_id"] not in class_index:
@@ -221,8 +226,10 @@ class DetectionTrainSet(Dataset):
         try:
             img = read_image(rec.path)
         except RclipError as e:
-            # a training image that vanished or broke mid-run: stop with the reason
-            raise InputError(f"training image {rec.path}: {e}") from None
+            # a training image that vanished or broke mid-run: the stream stops with the reason in
+            # the training process (raised in a DataLoader worker, torch would re-wrap it with the
+            # worker's traceback in its message)
+            return {BROKEN_KEY: f"a training image broke during the run: {e}"}
         prep = resize_image(img, short, self.max_size)
         H, W = prep.size
         sx, sy = W / img.width, H / img.height
@@ -282,6 +289,19 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step) * self.per_pass * self.accumulation
+
+
+#: the item a training image that cannot be read becomes (see :func:`raise_broken`)
+BROKEN_KEY = "__broken__"
+
+
+def raise_broken(batch: list) -> list:
+    """``batch``, or the one-line InputError of its first unreadable image."""
+    for item in batch:
+        if isinstance(item, dict) and BROKEN_KEY in item:
+            raise InputError(item[BROKEN_KEY], "fix or remove it (the output folder keeps only checkpoints "
+                                               "already written)")
+    return batch
 
 
 def collate_list(batch: list) -> list:

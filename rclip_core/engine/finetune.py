@@ -51,7 +51,7 @@ def finetune(recipe: FinetuneRecipe, *, device: str | torch.device | None = None
             ``eval`` {step, metrics, final}, ``export`` {path}, ``stopped`` {step}, ``note``.
         stop: an object whose truth means "save and stop" (default: SIGTERM, see the trainer).
     """
-    from rclip_core.data.coco import resolve_images
+    from rclip_core.data.coco import resolve_images, size_mismatch_error, size_mismatches
     from rclip_core.engine.detection_data import build_train_records
 
     main = int(os.environ.get("RANK", "0")) == 0  # before the process group exists
@@ -62,10 +62,13 @@ def finetune(recipe: FinetuneRecipe, *, device: str | torch.device | None = None
     records = build_train_records(data.train, data.train_images, class_index, recipe.data.max_gt_per_image,
                                   with_polygons=recipe.detector.mask_head)
     if data.val is not None:
-        _, missing = resolve_images(data.val, data.val_images)
+        present, missing = resolve_images(data.val, data.val_images)
         if missing:
             raise InputError(f"{len(missing)} of {len(data.val.images)} validation images are not in "
                              f"{data.val_images} (e.g. {missing[0]['file_name']})")
+        bad = size_mismatches(present)
+        if bad:
+            raise size_mismatch_error(bad, len(present), str(data.val.source or "the validation file"))
     emit("data", {"description": data.description, "train_images": len(records),
                   "val_images": len(data.val.images) if data.val is not None else 0, "mode": data.mode,
                   "notes": list(data.notes)})

@@ -24,12 +24,9 @@ def _norm_types() -> tuple[type, ...]:
         nn.LayerNorm,
         nn.LocalResponseNorm,
     ]
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
+    from torchvision.ops.misc import FrozenBatchNorm2d  # torchvision is a dependency
 
-        types.append(FrozenBatchNorm2d)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    types.append(FrozenBatchNorm2d)
     return tuple(types)
 
 

@@ -12,6 +12,8 @@ steps, the first and the last: step, lr, loss terms, seconds per step, images/s,
 ``tensorboard/`` when TensorBoard is installed, ``checkpoints/`` (see the trainer),
 ``final.safetensors`` (the student as an rclip model file: visual + text tower, and the RPN if
 one was used), ``eval.json`` when ``eval.instances`` is set, ``stopped.json`` after a SIGTERM.
+Skipped training items (``data.max_bad_items``) and, for ``regions.source gt_jitter``, images
+the boxes file lacks are counted in :attr:`PretrainResult.data_report`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class PretrainResult:
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    #: over every process: ``bad_items`` (skipped training items), ``bad_examples`` (the first
+    #: few), and ``gt_box_misses`` (regions.source gt_jitter: images met that the boxes file lacks)
+    data_report: dict[str, Any] = field(default_factory=dict)
 
 
 def run_pretraining(
@@ -69,14 +74,18 @@ def run_pretraining(
     """
     check_recipe_inputs(recipe)
 
+    tasks: list[Any] = []
+
     def build(dev: torch.device, rank: int):
         if recipe.mode == "image_text":
             from rclip_core.engine.tasks.image_text import ImageTextTask
 
-            return ImageTextTask(recipe, dev, rank)
-        from rclip_core.engine.tasks.regionclip import RegionCLIPTask
+            tasks.append(ImageTextTask(recipe, dev, rank))
+        else:
+            from rclip_core.engine.tasks.regionclip import RegionCLIPTask
 
-        return RegionCLIPTask(recipe, dev, rank)
+            tasks.append(RegionCLIPTask(recipe, dev, rank))
+        return tasks[-1]
 
     def on_event(event: str, info: Any) -> None:
         if event == "step" and progress is not None:
@@ -93,4 +102,5 @@ def run_pretraining(
     return PretrainResult(output_dir=outcome.output_dir, final_weights=final, steps=outcome.steps,
                           stopped=outcome.stopped, resumed_from=outcome.resumed_from,
                           world_size=outcome.world_size, seconds=outcome.seconds,
-                          last_metrics=outcome.last_metrics, evaluation=evaluation)
+                          last_metrics=outcome.last_metrics, evaluation=evaluation,
+                          data_report=dict(getattr(tasks[-1], "report", {}) if tasks else {}))

@@ -15,10 +15,12 @@ Checkpoint layout (``OUTPUT_DIR/checkpoints/ckpt_<step>/``, :mod:`rclip_core.eng
 ``model.safetensors`` = the task's trainable state; ``state.pt`` = optimizer, scheduler and
 ``extra = {"recipe", "world_size", "task", "ranks": [{"rng", "data", "task"} per process],
 "scaler"}``. On the CPU with a fixed seed a killed run resumed with ``resume=True`` ends with
-exactly the weights of an uninterrupted one (same number of processes; the data order does not
-depend on DataLoader workers). A resume with another number of processes continues from the
-checkpoint with each task's data stream restarting as :meth:`Stream.load_state_dict` says (not an
-exact continuation: the ``note`` event says so).
+exactly the weights of an uninterrupted one; the data order does not depend on DataLoader
+workers, so ``data.num_workers`` may change on resume. A resume with another number of processes
+is refused with one line (each process's data position and random state are in the checkpoint,
+and no other split continues them exactly). A fresh run that fails before its first checkpoint
+(a NaN loss, unreadable data, Ctrl-C) removes what it wrote: the recipe, the metrics log and the
+folders it made.
 """
 
 from __future__ import annotations
@@ -233,6 +235,25 @@ class _TensorBoard:
             self.writer.close()
 
 
+def _remove_run_files(paths: list[Path], created: Path | None) -> None:
+    """Remove ``paths`` (files or folders a failed run made) and then the folders it created,
+    while they are empty."""
+    import shutil
+
+    from rclip_core.fileio import remove_empty_dirs
+
+    out = None
+    for p in paths:
+        out = out or p.parent
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # never hide the failure that brought us here
+                p.unlink(missing_ok=True)
+    if out is not None:
+        remove_empty_dirs(out, created)
+
+
 def append_jsonl(path: Path, line: Mapping[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
@@ -270,6 +291,8 @@ class Trainer:
         self.device = None if device is None or str(device) == "auto" else device
         self.progress = progress
         self.stop = stop
+        #: (files this fresh run made, outermost folder it made, last checkpoint step) on rank 0
+        self._written: tuple[list[Path], Path | None, int] | None = None
 
     def run(self) -> TrainOutcome:
         from rclip_core.device import resolve_device
@@ -282,6 +305,10 @@ class Trainer:
             if info.device.type == "cpu":  # exact resume needs bit-reproducible kernels
                 torch.use_deterministic_algorithms(True, warn_only=True)
             return self._run(info)
+        except BaseException:
+            if self._written is not None and self._written[2] < 0:  # no checkpoint of this run yet
+                _remove_run_files(*self._written[:2])
+            raise
         finally:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
             cleanup()
@@ -292,7 +319,7 @@ class Trainer:
         from rclip_core.dist import all_reduce_mean, barrier
         from rclip_core.engine import checkpoint as ckpt
         from rclip_core.engine.optim import build_optimizer, build_scheduler, clip_grad_per_parameter
-        from rclip_core.fileio import atomic_write_json, atomic_write_text, ensure_output_dir
+        from rclip_core.fileio import atomic_write_json, atomic_write_text, ensure_output_dir, first_missing_dir
 
         recipe = self.recipe
         t_start = time.perf_counter()
@@ -316,6 +343,12 @@ class Trainer:
                 raise InputError(f"cannot resume: the recipe's {diff!r} section differs from the run in {out}",
                                  hint="resume with the same recipe and options (only max_steps, checkpoint_every, "
                                       "logging.*, test.* and eval.* may change)")
+            saved_world = len(_legacy_ranks(latest.extra, latest.state))
+            if saved_world and saved_world != world:
+                raise InputError(f"cannot resume: the checkpoint in {ckpt_dir} was written by {saved_world} "
+                                 f"process(es), this run has {world}",
+                                 hint=f"resume with --nproc {saved_world}: each process's data order and random "
+                                      "state are in the checkpoint (DataLoader workers may change)")
         seed_everything(recipe.seed + rank)
         task = self.build_task(device, rank)
         trainable = task.trainable_module()
@@ -338,25 +371,33 @@ class Trainer:
         stream = task.stream(per_pass=per_pass, accumulation=accum, rank=rank, world=world, start_step=start_step)
         # after the stream exists: making it (DataLoader workers) must not move the restored generators
         if latest is not None:
-            exact = len(ranks) == world
-            if exact:
+            if ranks:  # the same number of processes (checked above): an exact continuation
                 mine = ranks[rank]
                 if mine.get("rng") is not None:
                     ckpt.restore_rng(mine["rng"])
                 stream.load_state_dict(mine.get("data") or {}, exact=True)
                 task.load_rng_state(mine.get("task") or {})
-            else:
-                emit("note", {"message": f"the checkpoint was written by {len(ranks)} process(es), this run has "
-                                         f"{world}: the data order restarts (not an exact continuation)"})
-                stream.load_state_dict(ranks[0].get("data", {}) if ranks else {}, exact=False)
+            else:  # a checkpoint of rclip 0.1 without per-process states
+                emit("note", {"message": "the checkpoint holds no per-process data state: the data order "
+                                         "restarts (not an exact continuation)"})
+                stream.load_state_dict({}, exact=False)
             emit("note", {"message": f"resumed from {latest.path} (step {start_step})"})
         if start_step >= max_steps:
             emit("note", {"message": f"the run already reached max_steps={max_steps}"})
 
         metrics_path = out / METRICS_FILE
         tb = None
+        # a fresh run that fails before its first checkpoint removes what it wrote (the recipe,
+        # the metrics log, TensorBoard events, folders it made): nothing is left to resume
+        made_by_run: list[Path] = []
+        created = first_missing_dir(out) if main else None
+        if main and resumed_from is None:
+            made_by_run = [p for p in (out / RECIPE_FILE, metrics_path, out / "tensorboard", ckpt_dir)
+                           if not p.exists()]
         if main:
             ensure_output_dir(out)
+            if resumed_from is None:
+                self._written = (made_by_run, created, -1)
             (out / STOPPED_FILE).unlink(missing_ok=True)
             atomic_write_text(out / RECIPE_FILE, dump_recipe(recipe))
             ckpt.trim_metrics_log(metrics_path, start_step if resumed_from is not None else 0)
@@ -396,6 +437,8 @@ class Trainer:
                 emit("checkpoint", {"step": step, "path": str(path)})
             barrier()
             last_saved = step
+            if self._written is not None:
+                self._written = (*self._written[:2], step)
 
         images_per_step = per_pass * accum * world
         window: dict[str, float] = {}

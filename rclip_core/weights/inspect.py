@@ -79,13 +79,13 @@ def info_parts(tensors: dict) -> tuple[dict[str, dict], list[str]]:
     return parts, ignored
 
 
-def describe_weights(path: str | os.PathLike) -> dict[str, Any]:
+def describe_weights(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     """Everything `rclip weights info` reports about a weights file, as plain JSON-able data.
 
     Reads the file once (never executing pickled code). Raises InputError / WeightsError for
     missing, unreadable or unrecognised files.
     """
-    wf = read_weights(path)
+    wf = read_weights(path, trust=trust)  # trust: see read_weights (TorchScript, code pickles)
     meta = dict(wf.metadata)
     native = meta.get("format") == "rclip"
     if native:

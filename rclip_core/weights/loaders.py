@@ -35,7 +35,8 @@ from rclip_core.models.clip import Architecture, get_architecture
 from rclip_core.models.classifier import InferenceConfig
 from rclip_core.models.detector import Detector, DetectorConfig, DetectorRPN
 from rclip_core.models.regionclip import ModelInfo, RegionCLIP
-from rclip_core.weights.io import WeightsFile, read_safetensors_metadata, read_weights
+from rclip_core.weights.hub import read_safetensors_metadata, read_weights  # hf://OWNER/REPO paths too
+from rclip_core.weights.io import WeightsFile
 from rclip_core.weights.native import detector_sections, part_of, split_native
 from rclip_core.weights.official import (ConvertedCheckpoint, convert_checkpoint, infer_text_config,
                                          infer_visual_config, known_architecture_name)
@@ -70,15 +71,20 @@ def _format_keys(keys: list[str], n: int = 6) -> str:
 def load_model(weights: str | os.PathLike | None = None, model: str | None = None, pretrained: str | None = None,
                random_init: bool = False, device: torch.device | str = "cpu", with_rpn: bool = True,
                fast_attnpool: bool = True, seed: int = 0,
-               download_progress: Callable[[int, int | None], None] | None = None) -> RegionCLIP:
-    """Build a :class:`RegionCLIP` from one of the sources listed in the module docstring."""
+               download_progress: Callable[[int, int | None], None] | None = None,
+               trust: bool = False) -> RegionCLIP:
+    """Build a :class:`RegionCLIP` from one of the sources listed in the module docstring.
+
+    ``trust``: also read formats that run code when loaded (TorchScript archives such as
+    OpenAI's ``RN50.pt``, pickles that need ``weights_only=False``); refused by default
+    (:func:`rclip_core.weights.io.read_weights`)."""
     if weights is None and model is None:
         raise InputError("no model given", "pass --weights PATH, or --model NAME with --pretrained TAG")
     # A named model (regionclip-rn50-cc, ...) stands for its architecture when checking a file.
     named = REGISTRY.get(model) if model else None
     requested = (named.architecture or None) if named else model
     if weights is not None:
-        wf = read_weights(weights)
+        wf = read_weights(weights, trust=trust)
         m = _from_weights_file(wf, requested=requested, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
     elif random_init:
         arch = get_architecture(requested or model)
@@ -88,7 +94,7 @@ def load_model(weights: str | os.PathLike | None = None, model: str | None = Non
                            extra={"seed": seed})
     else:
         path = resolve_pretrained(model, pretrained, progress=download_progress)
-        wf = read_weights(path)
+        wf = read_weights(path, trust=trust)
         m = _from_weights_file(wf, requested=requested, fast_attnpool=fast_attnpool, with_rpn=with_rpn)
         m.info.source = (f"named:{model}" if named else
                          f"open_clip:{get_architecture(model).name}/{pretrained or 'openai'}")
@@ -156,6 +162,28 @@ def _arch_from_checkpoint(conv: ConvertedCheckpoint, requested: str | None) -> A
     return arch
 
 
+def _check_meta_architecture(wf: WeightsFile, arch: Architecture) -> None:
+    """The architecture a file's metadata names must be the one its tensors have, before anything
+    is built from it (metadata naming a huge network would otherwise allocate it first)."""
+    tensors = wf.tensors
+    if not any(k.startswith("visual.") for k in tensors):
+        return  # no visual tower in the file: nothing to build from the metadata alone
+    found = infer_visual_config(tensors)
+    said = {"embed_dim": arch.embed_dim, "layers": list(arch.vision_cfg.get("layers", [])), "width": arch.width,
+            "image_size": arch.image_size}
+    have = {"embed_dim": found["embed_dim"], "layers": list(found["vision_cfg"]["layers"]),
+            "width": found["vision_cfg"]["width"], "image_size": found["vision_cfg"]["image_size"]}
+    text = infer_text_config(tensors)
+    if text is not None:
+        for key in ("context_length", "vocab_size", "width", "layers"):
+            said[f"text {key}"], have[f"text {key}"] = arch.text_cfg.get(key), text[key]
+    diff = [k for k in said if said[k] != have[k]]
+    if diff:
+        k = diff[0]
+        raise WeightsError(f"{wf.path}: its metadata names architecture {arch.name!r} ({k} {said[k]}) but its "
+                           f"tensors have {k} {have[k]}", "the file is damaged or was edited: re-export it")
+
+
 def _native_checkpoint(wf: WeightsFile, requested: str | None) -> tuple[ConvertedCheckpoint, Architecture]:
     meta = wf.metadata
     if meta.get("kind") == "embeddings":
@@ -165,6 +193,7 @@ def _native_checkpoint(wf: WeightsFile, requested: str | None) -> tuple[Converte
         raise WeightsError(f"{wf.path} is an rclip {meta.get('kind', 'data')} file, not a model",
                            "pass a model file with --weights")
     arch = get_architecture(meta["architecture"])
+    _check_meta_architecture(wf, arch)
     if requested:
         req = get_architecture(requested)
         if req.config["vision_cfg"] != arch.config["vision_cfg"] or req.embed_dim != arch.embed_dim:
@@ -238,14 +267,14 @@ def attach_rpn(model: RegionCLIP, rpn_state: dict[str, torch.Tensor], settings: 
     model.info.rpn_kind = kind
 
 
-def load_rpn_file(model: RegionCLIP, path: str | os.PathLike) -> None:
+def load_rpn_file(model: RegionCLIP, path: str | os.PathLike, trust: bool = False) -> None:
     """``--rpn-weights``: a standalone ``rpn_*.pth``, any file carrying ``offline_*`` keys, or an
     rclip detector whose RPN was trained with it (:class:`DetectorRPN`)."""
-    wf = read_weights(path)
+    wf = read_weights(path, trust=trust)
     native = wf.metadata.get("format") == "rclip"
     parts = split_native(wf.tensors)[0] if native else None
     if parts is not None and parts["trained_rpn"]:
-        model.rpn = DetectorRPN(load_detector(path, device=model.device)).to(model.device)
+        model.rpn = DetectorRPN(load_detector(path, device=model.device, trust=trust)).to(model.device)
         model.info.rpn_kind = "trained (detector)"
         return
     state = parts["rpn"] if parts is not None else convert_checkpoint(wf.tensors).rpn_state
@@ -255,10 +284,10 @@ def load_rpn_file(model: RegionCLIP, path: str | os.PathLike) -> None:
     attach_rpn(model, state)
 
 
-def load_class_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, list[str] | None]:
+def load_class_embeddings(path: str | os.PathLike, trust: bool = False) -> tuple[torch.Tensor, list[str] | None]:
     """An official ``*_emb.pth`` ([N, D] float32, rows in class order) or an rclip embeddings
     safetensors (names inside). Returns (embeddings [N, D], names or None)."""
-    wf = read_weights(path)
+    wf = read_weights(path, trust=trust)
     if wf.metadata.get("format") == "rclip":
         if "embeddings" not in wf.tensors:
             raise WeightsError(f"{path} is an rclip {wf.metadata.get('kind', 'model')} file, not class embeddings")
@@ -280,7 +309,7 @@ def offline_hint() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def is_detector_file(path: str | os.PathLike) -> bool:
+def is_detector_file(path: str | os.PathLike, trust: bool = False) -> bool:
     """True for an rclip detector file or an official fine-tuned RegionCLIP detector (one with
     ``roi_heads.box_predictor`` and ``bbox_pred``), without building anything."""
     try:  # a native file: the header only, no tensor is read
@@ -289,7 +318,7 @@ def is_detector_file(path: str | os.PathLike) -> bool:
         return False
     if meta is not None:
         return meta.get("kind") == "detector"
-    wf = read_weights(path)
+    wf = read_weights(path, trust=trust)
     if wf.metadata.get("format") == "rclip":
         return wf.metadata.get("kind") == "detector"
     return any(k.endswith("roi_heads.box_predictor.bbox_pred.weight") for k in wf.tensors)
@@ -311,7 +340,8 @@ def _vocab_names(rows: int) -> list[str] | None:
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", *,
-                  config: DetectorConfig | None = None, inference: InferenceConfig | None = None) -> Detector:
+                  config: DetectorConfig | None = None, inference: InferenceConfig | None = None,
+                  trust: bool = False) -> Detector:
     """Load a detector written by :func:`~rclip_core.weights.native.save_detector` or an
     official fine-tuned RegionCLIP detector (``regionclip_finetuned-{coco,lvis}_rn50[x4].pth``:
     backbone + offline RPN + ``roi_heads.box_predictor`` (+ mask head)).
@@ -322,7 +352,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu", *
     ...). ``config`` / ``inference`` replace the stored :class:`DetectorConfig` /
     :class:`InferenceConfig` (``Detector.update_inference`` adjusts the latter afterwards).
     """
-    wf = read_weights(path)
+    wf = read_weights(path, trust=trust)
     meta = wf.metadata
     trained_rpn: dict[str, Tensor] = {}
     if meta.get("format") == "rclip":

@@ -3,8 +3,12 @@
 Official RegionCLIP files are served from a public Git LFS re-upload of the model zoo
 (github.com/biluko/RegionCLIP_petrained_ckpt, pinned to one commit); their sha256 and sizes come
 from the LFS pointers. open_clip pretrained tags (``--model RN50-quickgelu --pretrained openai``)
-use open_clip's own sources (OpenAI URLs carry their sha256) and the usual caches
-(``~/.cache/clip``, the Hugging Face hub cache).
+use open_clip's own sources and the usual caches (``~/.cache/clip``, the Hugging Face hub cache).
+Their checksums follow open_clip (``pretrained.py: download_pretrained_from_url``): an OpenAI URL
+carries the file's full sha256, an open_clip release file name ends in the first 8 hex digits of
+its sha256; those of the architectures the registry names are pinned in :data:`OPEN_CLIP_TAGS`.
+A tag with neither is downloaded only with a warning that it is unverified. OpenAI's files are
+TorchScript archives: loading them needs ``trust=True`` (``--trust-weights``).
 
 Offline, every download fails within a few seconds (a 3 s TCP probe; open_clip's own retries
 take ~46 s) with a hint to pass ``--weights PATH``.
@@ -57,6 +61,71 @@ ZOO_FILES: dict[str, tuple[str, int]] = {
     "concept_emb/coco_nouns_4764_emb_rn50x4.pth": ("fe91693d87773e9ea01a85664353cbaeb3d1863293c6388bf5f584e8f8844ad3", 12196600),
     "concept_emb/googlecc_nouns_6250_emb.pth": ("d71391c2967c378ff539e73c5633e2312584a8fa5d8cc993c6ce5639f02c1fcf", 25600760),
 }
+
+
+# open_clip tags of the architectures the registry names, pinned: (architecture, tag) ->
+# (url, sha256 or the sha256 prefix open_clip publishes). From open_clip 3.x pretrained.py.
+OPEN_CLIP_TAGS: dict[tuple[str, str], tuple[str, str]] = {
+    ("RN50-quickgelu", "openai"): (
+        "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+        "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
+    ("RN50-quickgelu", "yfcc15m"): (
+        "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/rn50-quickgelu-yfcc15m-455df137.pt",
+        "455df137"),
+    ("RN50-quickgelu", "cc12m"): (
+        "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/rn50-quickgelu-cc12m-f000538c.pt",
+        "f000538c"),
+    ("RN50x4-quickgelu", "openai"): (
+        "https://openaipublic.azureedge.net/clip/models/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+        "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd"),
+}
+
+
+class UnverifiedDownloadWarning(UserWarning):
+    """A file is downloaded without a checksum to compare it with (the CLI shows it as one line)."""
+
+
+@dataclass(frozen=True)
+class TagChecksum:
+    """How a downloaded open_clip tag is verified: ``kind`` is ``sha256`` (full digest),
+    ``sha256-prefix`` (open_clip's 8 hex digits) or ``unverified``; ``pinned``: from
+    :data:`OPEN_CLIP_TAGS` rather than read off open_clip's URL."""
+
+    url: str
+    kind: str
+    value: str | None
+    pinned: bool
+
+    def describe(self) -> str:
+        if self.kind == "sha256":
+            return f"sha256 {self.value[:12]}..." + (" (pinned)" if self.pinned else " (from the URL)")
+        if self.kind == "sha256-prefix":
+            return f"sha256 prefix {self.value} (open_clip, 32 bits)"
+        return "UNVERIFIED (no checksum published)"
+
+
+def tag_checksum(architecture: str, tag: str, url: str) -> TagChecksum:
+    """The checksum a download of ``url`` (open_clip tag ``tag`` of ``architecture``) is checked
+    against: the pinned one, else what open_clip's URL conventions give, else none."""
+    import re
+
+    pinned = OPEN_CLIP_TAGS.get((architecture, tag))
+    if pinned and pinned[0] == url:
+        value = pinned[1]
+        return TagChecksum(url, "sha256" if len(value) == 64 else "sha256-prefix", value, True)
+    parts = url.rstrip("/").split("/")
+    if "openaipublic" in url and len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{64}", parts[-2]):
+        return TagChecksum(url, "sha256", parts[-2], False)
+    if "mlfoundations" in url:
+        m = re.search(r"-([0-9a-f]{8})\.\w+$", url)
+        if m:
+            return TagChecksum(url, "sha256-prefix", m.group(1), False)
+    return TagChecksum(url, "unverified", None, False)
+
+
+def list_open_clip_tags() -> list[tuple[str, str, TagChecksum]]:
+    """(architecture, tag, checksum) of the pinned open_clip tags, for ``rclip weights list``."""
+    return [(a, t, tag_checksum(a, t, url)) for (a, t), (url, _) in OPEN_CLIP_TAGS.items()]
 
 
 @dataclass(frozen=True)
@@ -159,15 +228,20 @@ def resolve_pretrained(model: str, tag: str | None = None,
         except Exception:  # noqa: BLE001 - a cache miss is not an error
             pass
     url = cfg.get("url", "")
-    if url:
-        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        if cached.is_file():
-            return cached
-    # 2) download, failing fast when offline
-    if not url or not network_reachable(url):
+    if not url:
+        raise OfflineError(f"pretrained weights {arch.name}/{tag} are not in the Hugging Face cache, and open_clip "
+                           "names no direct download for them", "pass local weights with --weights PATH")
+    # 2) ~/.cache/clip (download() reuses a file there when its checksum matches), else download,
+    # failing fast when offline
+    dest = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if not dest.is_file() and not network_reachable(url):
         raise OfflineError(f"pretrained weights {arch.name}/{tag} are not cached and there is no network",
                            "pass local weights with --weights PATH (an official RegionCLIP .pth or an rclip "
                            ".safetensors), or run once with a connection to fill the cache")
-    sha = url.split("/")[-2] if "openaipublic" in url else None
-    dest = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-    return download(url, dest, sha256=sha, progress=progress)
+    check = tag_checksum(arch.name, tag, url)
+    if check.kind == "unverified":
+        import warnings
+
+        warnings.warn(UnverifiedDownloadWarning(
+            f"{arch.name}/{tag} has no published checksum: {url} is downloaded unverified"), stacklevel=2)
+    return download(url, dest, sha256=check.value, progress=progress)

@@ -70,10 +70,11 @@ def _load_init_model(recipe: FinetuneRecipe, device: torch.device):
     if not (i.weights or i.model):
         raise InputError("no init weights given", "pass --init WEIGHTS (e.g. regionclip_pretrained-cc_rn50.pth)")
     model = load_model(weights=i.weights, model=i.model, pretrained=i.pretrained, random_init=i.random_init,
-                       device=device, with_rpn=recipe.detector.proposals == "offline", seed=recipe.seed)
+                       device=device, with_rpn=recipe.detector.proposals == "offline", seed=recipe.seed,
+                       trust=recipe.trust_weights)
     if recipe.detector.proposals == "offline":
         if i.rpn_weights:
-            load_rpn_file(model, i.rpn_weights)
+            load_rpn_file(model, i.rpn_weights, trust=recipe.trust_weights)
         if model.rpn is None:
             raise InputError("detector.proposals is offline but the init weights carry no offline RPN",
                              "pass --rpn-weights (rpn_coco_48.pth for COCO, rpn_lvis_866_lsj.pth for LVIS), "
@@ -91,14 +92,14 @@ def _embeddings(recipe: FinetuneRecipe, model, data: ResolvedData) -> tuple[torc
 
     t = recipe.text
     if t.test_embeddings:
-        test, _ = load_class_embeddings(t.test_embeddings)
+        test, _ = load_class_embeddings(t.test_embeddings, trust=recipe.trust_weights)
         if test.shape[0] != len(data.test_names):
             raise InputError(f"text.test_embeddings has {test.shape[0]} rows but there are {len(data.test_names)} "
                              "test classes", "the rows must be the test classes in ascending category id")
     else:
         test = _embed(model, data.test_names, t.templates, t.average)
     if t.train_embeddings:
-        train, _ = load_class_embeddings(t.train_embeddings)
+        train, _ = load_class_embeddings(t.train_embeddings, trust=recipe.trust_weights)
         if train.shape[0] != len(data.train_names):
             raise InputError(f"text.train_embeddings has {train.shape[0]} rows but there are "
                              f"{len(data.train_names)} training classes")
@@ -148,14 +149,17 @@ def inference_settings(recipe: FinetuneRecipe) -> InferenceConfig:
 class DetectionStream:
     """The stream positions of this process's passes (:class:`~rclip_core.engine.detection_data.StepSampler`)
     through a DataLoader: a pure function of the seed and the step, so there is no state to save
-    and any number of processes or workers continues exactly."""
+    and any number of DataLoader workers continues exactly (the trainer refuses a resume with
+    another number of processes)."""
 
     def __init__(self, loader: torch.utils.data.DataLoader):
         self.loader = loader
         self._iter = iter(loader)
 
     def next_batch(self) -> list[dict[str, Any]]:
-        return next(self._iter)
+        from rclip_core.engine.detection_data import raise_broken
+
+        return raise_broken(next(self._iter))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -3,14 +3,16 @@ and ``clip_roi_heads.py: PretrainRes5ROIHeads``) as a task of the one training l
 
 Per forward pass and process (``batch.images_per_process`` images; the paper: 3 per GPU):
 
-1. images are resized (short side from ``data.short_sides``, bicubic, long side <= max_size),
+1. images are resized (short side from ``data.short_sides``, bicubic, long side <= max_size;
+   ``data.input_path`` picks Detectron2's or the official pretraining's size rounding),
    flipped at random, CLIP-normalised and padded into one canvas [B, 3, H_pad, W_pad];
 2. regions per image: ``regions.per_image`` (100) sampled at random from the offline RPN's
    300 proposals (NMS 0.5), or random grid boxes, or jittered ground-truth boxes, or the boxes
    of pseudo-label shards;
-3. student: trunk -> res4 -> RoIAlign of the regions AND of one whole-canvas box
-   [0, 0, W_pad, H_pad] per image (the image embedding of paper eq. 4: the official code boxes
-   the padded batch tensor) -> res5 + attnpool, in one pass;
+3. student: trunk -> res4 -> RoIAlign of the regions AND of one whole-image box per image (the
+   image embedding of paper eq. 4: the image's own extent, or with ``data.input_path:
+   official`` the padded batch canvas [0, 0, W_pad, H_pad] as the official code) -> res5 +
+   attnpool, in one pass;
 4. teacher (frozen, no grad): trunk on the same normalised canvas, RoIAlign of the regions,
    res5 + attnpool; pseudo labels = argmax of softmax(cos / 0.01) over the concept pool, kept
    when the max probability > 0.1 (``CONCEPT_THRES``), or read from shards;
@@ -45,12 +47,13 @@ from rclip_core.errors import InputError
 __all__ = ["RegionCLIPTask", "load_source"]
 
 
-def load_source(src: ModelSource, role: str, device: torch.device, seed: int, with_rpn: bool = True):
+def load_source(src: ModelSource, role: str, device: torch.device, seed: int, with_rpn: bool = True,
+                trust: bool = False):
     from rclip_core.weights.loaders import load_model
 
     try:
         return load_model(weights=src.weights, model=src.model, pretrained=src.pretrained,
-                          random_init=src.random_init, device=device, seed=seed, with_rpn=with_rpn)
+                          random_init=src.random_init, device=device, seed=seed, with_rpn=with_rpn, trust=trust)
     except InputError as e:
         raise type(e)(f"model.{role}: {e}", hint=e.hint) from None
 
@@ -75,7 +78,7 @@ def _load_embeddings(recipe: PretrainRecipe, value: str, key: str) -> Tensor:
 
     path = fetch_named(value) if value in REGISTRY else resolve_data_path(recipe, value)
     try:
-        emb, _ = load_class_embeddings(path)
+        emb, _ = load_class_embeddings(path, trust=recipe.trust_weights)
     except InputError as e:
         raise type(e)(f"{key}: {e}", hint=e.hint) from None
     return emb.float()
@@ -128,7 +131,7 @@ class RegionCLIPTask(PretrainTask):
         teacher_src = recipe.model.teacher
         student_src = recipe.model.student if recipe.model.student.given else teacher_src
         self.student = load_source(student_src, "student" if recipe.model.student.given else "teacher",
-                                    device, recipe.seed)
+                                    device, recipe.seed, trust=recipe.trust_weights)
         if not self.student.has_text:
             raise InputError(f"the student ({student_src.describe()}) has no text tower",
                              hint="pretraining embeds captions and concepts with it: use a CLIP checkpoint "
@@ -142,6 +145,7 @@ class RegionCLIPTask(PretrainTask):
             self.shards = PseudoLabelShards(resolve_data_path(recipe, r.shards or ""))
             shard_concepts = list(self.shards.concepts)
         self.gt_boxes = None
+        self.gt_misses = 0  # training images met that regions.gt_boxes does not list
         if r.source == "gt_jitter" and self.region_terms:
             from rclip_core.data.boxes import load_boxes_file
 
@@ -152,7 +156,8 @@ class RegionCLIPTask(PretrainTask):
         if needs_teacher:
             # the teacher's RPN (official files carry one) is needed only as the proposal source
             teacher = load_source(teacher_src, "teacher", device, recipe.seed,
-                                   with_rpn=r.source == "rpn" and not r.rpn.weights and self.student.rpn is None)
+                                   with_rpn=r.source == "rpn" and not r.rpn.weights and self.student.rpn is None,
+                                   trust=recipe.trust_weights)
             teacher.requires_grad_(False)
             teacher.eval()
         self.teacher_encoder = teacher.encoder if teacher is not None else None
@@ -194,7 +199,9 @@ class RegionCLIPTask(PretrainTask):
         # is dropped once the concept pool is embedded
         del teacher
         d = recipe.data
-        self.transform = ShortSideResize(tuple(d.short_sides), d.max_size, d.interpolation, d.flip)
+        self.official_input = d.input_path == "official"  # see DataConfig.input_path
+        self.transform = ShortSideResize(tuple(d.short_sides), d.max_size, d.interpolation, d.flip,
+                                         size_rule="torchvision" if self.official_input else "detectron2")
 
     def _attach_rpn(self, teacher) -> None:
         from rclip_core.models.proposals.offline import RPNSettings
@@ -204,7 +211,7 @@ class RegionCLIPTask(PretrainTask):
         rpn_cfg = self.recipe.regions.rpn
         if rpn_cfg.weights:
             path = fetch_named(rpn_cfg.weights) if rpn_cfg.weights in REGISTRY else rpn_cfg.weights
-            load_rpn_file(self.student, path)
+            load_rpn_file(self.student, path, trust=self.recipe.trust_weights)
         elif self.student.rpn is None and teacher is not None and teacher.rpn is not None:
             attach_rpn(self.student, teacher.rpn.state_dict())
         if self.student.rpn is None:
@@ -232,6 +239,36 @@ class RegionCLIPTask(PretrainTask):
     def _sample(self, n: int, k: int) -> Tensor:
         return torch.randperm(n, generator=self.generator)[:k]
 
+    def stream(self, *, per_pass: int, accumulation: int, rank: int, world: int, start_step: int):
+        stream = super().stream(per_pass=per_pass, accumulation=accumulation, rank=rank, world=world,
+                                start_step=start_step)
+        if self.gt_boxes is not None and stream.data.entries:
+            self._check_gt_coverage([e.image_key for e in stream.data.entries])
+        return stream
+
+    def _check_gt_coverage(self, keys: list[str]) -> None:
+        """regions.source gt_jitter: every training image must be in regions.gt_boxes (an image
+        listed there without boxes is fine: it gets random regions, as in the official GT mode)."""
+        from rclip_core.data.boxes import lookup_boxes
+
+        missing = []
+        for key in keys:
+            try:
+                lookup_boxes(self.gt_boxes, key)
+            except InputError:
+                missing.append(key)
+        if missing:
+            raise InputError(f"regions.source gt_jitter: {len(missing)} of {len(keys)} training images have no entry "
+                             f"in regions.gt_boxes {self.recipe.regions.gt_boxes} (e.g. {missing[0]})",
+                             hint="pass the instances / boxes file of the caption files' images, or use "
+                                  "regions.source random")
+
+    def data_report(self) -> dict[str, Any]:
+        report = super().data_report()
+        if self.gt_boxes is not None:
+            report["gt_box_misses"] = self.gt_misses
+        return report
+
     def _jittered_gt(self, sample: TrainSample) -> Tensor:
         from rclip_core.data.boxes import lookup_boxes
         from rclip_core.models.proposals.boxes import random_boxes
@@ -240,7 +277,8 @@ class RegionCLIPTask(PretrainTask):
         h, w = sample.size
         try:
             gt = lookup_boxes(self.gt_boxes, sample.image_key)
-        except InputError:
+        except InputError:  # not in the boxes file (indexed caption files were checked up front)
+            self.gt_misses += 1
             gt = np.zeros((0, 4))
         if len(gt) == 0:  # an image without labelled objects still gets regions
             return random_boxes((h, w), r.per_image, generator=self.generator, grid_length=r.random_grid)
@@ -287,7 +325,7 @@ class RegionCLIPTask(PretrainTask):
         r = self.recipe.regions
         extras: list[dict] = []
         if self.source == "rpn":
-            props = self.student.rpn([im.float() for im in images])
+            props = self.student.rpn(self.rpn_inputs(images))
             out = []
             for p in props:
                 boxes = p.boxes.detach().cpu()
@@ -301,6 +339,22 @@ class RegionCLIPTask(PretrainTask):
         extras = [self._shard_regions(s) for s in batch]
         return [e["boxes"] for e in extras], extras
 
+    def rpn_inputs(self, images: list[Tensor]) -> list[Tensor]:
+        """[3, H, W] uint8 RGB -> the RPN branch's 0-255 float RGB: the pixel values (rclip), or
+        ``ToTensor`` then ``x * 255`` as ``PretrainFastRCNN.offline_preprocess_image`` (official;
+        in float32 (k / 255) * 255 == k for every k, so both give the same numbers)."""
+        if self.official_input:
+            return [im.float().div(255.0) * 255.0 for im in images]
+        return [im.float() for im in images]
+
+    def image_boxes(self, images: list[Tensor], canvas: tuple[int, int]) -> list[Tensor]:
+        """The whole-image box of each image for the image-text loss: its own extent (rclip), or
+        the padded batch canvas [0, 0, W_pad, H_pad] (official ``create_global_proposals``)."""
+        h_pad, w_pad = canvas
+        sizes = [(h_pad, w_pad) if self.official_input else (int(im.shape[-2]), int(im.shape[-1]))
+                 for im in images]
+        return [torch.tensor([[0.0, 0.0, float(w), float(h)]], device=self.device_) for h, w in sizes]
+
     # ---- forward
 
     def forward(self, batch: list[TrainSample]) -> dict[str, Tensor]:
@@ -310,7 +364,7 @@ class RegionCLIPTask(PretrainTask):
         images = [s.image.to(dev, non_blocking=True) for s in batch]
         enc = self.student.encoder
         x = enc.batch_images(images)  # [B, 3, H_pad, W_pad], CLIP-normalised
-        h_pad, w_pad = int(x.shape[-2]), int(x.shape[-1])
+        whole = self.image_boxes(images, (int(x.shape[-2]), int(x.shape[-1])))
         boxes, extras = self.region_boxes(batch, images) if self.region_terms else ([], [])
         per_image: list[Tensor] = []
         for i in range(len(batch)):
@@ -318,7 +372,7 @@ class RegionCLIPTask(PretrainTask):
             if self.region_terms:
                 parts.append(boxes[i].to(dev, torch.float32))
             if self.image_text:
-                parts.append(torch.tensor([[0.0, 0.0, w_pad, h_pad]], device=dev))
+                parts.append(whole[i])
             per_image.append(torch.cat(parts) if parts else torch.zeros((0, 4), device=dev))
         res4 = enc.trunk(x)
         feats = enc.forward_features(res4, per_image).float()  # [sum_i (R_i + 1), D]
