@@ -81,6 +81,50 @@ def device_option(fn: Callable) -> Callable:
                         help="cpu, cuda, cuda:N or auto (CUDA when available).")(fn)
 
 
+class OneLineUsageError(click.UsageError):
+    """A click usage error (bad option value, missing argument, a file where a folder is
+    expected) shown as the error contract says: one red line and a hint, exit 2 - not click's
+    usage block."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "rclip"
+        err_console.print(f"[bold red]error:[/] {_escape(' '.join(self.format_message().split()))}",
+                          soft_wrap=True, markup=True, highlight=False)
+        err_console.print(f"[dim]hint: {_escape(f'see {command} --help')}[/]", soft_wrap=True)
+
+
+def _one_line_usage(call: Callable[[], Any]) -> Any:
+    """Run click's parsing step ``call``; its usage errors become :class:`OneLineUsageError`."""
+    try:
+        return call()
+    except OneLineUsageError:
+        raise
+    except click.UsageError as e:
+        raise OneLineUsageError(e.format_message(), e.ctx) from None
+
+
+class RclipCommand(click.Command):
+    """click.Command whose usage errors follow the error contract (:class:`OneLineUsageError`)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        return _one_line_usage(lambda: super(RclipCommand, self).make_context(info_name, args, parent=parent,
+                                                                              **extra))
+
+
+class RclipGroup(click.Group):
+    """click.Group whose usage errors (an unknown subcommand, a bad option) follow the error
+    contract like :class:`RclipCommand`'s."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        return _one_line_usage(lambda: super(RclipGroup, self).make_context(info_name, args, parent=parent,
+                                                                            **extra))
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        return _one_line_usage(lambda: super(RclipGroup, self).resolve_command(ctx, args))
+
+
 def rclip_command(name: str | None = None, **settings: Any) -> Callable:
     """``@rclip_command()`` = ``@click.command`` + ``--debug`` + the error contract."""
 
@@ -88,6 +132,7 @@ def rclip_command(name: str | None = None, **settings: Any) -> Callable:
         wrapped = handle_errors(fn)
         wrapped = debug_option(wrapped)
         settings.setdefault("context_settings", {"help_option_names": ["-h", "--help"], "max_content_width": 100})
+        settings.setdefault("cls", RclipCommand)
         return click.command(name, **settings)(wrapped)
 
     return deco

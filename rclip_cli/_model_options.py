@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import click
 
 from rclip_cli._common import err_console
 
 
+TRUST_HELP = ("Also load weights formats that run code when loaded: pickles that need weights_only=False and "
+              "TorchScript archives whose tensors cannot be read as plain data (OpenAI's RN50.pt can: it needs no "
+              "flag). Only for files from a source you trust.")
+
+
+def trust_option(fn: Callable) -> Callable:
+    """``--trust-weights`` (``trust_weights`` in the command's keyword arguments)."""
+    return click.option("--trust-weights", "trust_weights", is_flag=True, help=TRUST_HELP)(fn)
+
+
 def model_options(fn: Callable) -> Callable:
+    """--weights, --model, --pretrained, --random-init, --rpn-weights and --trust-weights."""
+    fn = trust_option(fn)
     opts = [
         click.option("--weights", type=click.Path(dir_okay=False),
                      help="Weights file: an official RegionCLIP/Detectron2 .pth, an OpenAI/open_clip CLIP "
@@ -47,6 +60,29 @@ def vocab_options(fn: Callable) -> Callable:
     return fn
 
 
+@contextmanager
+def show_library_warnings() -> Iterator[None]:
+    """Show the library's :class:`UnverifiedDownloadWarning` as one yellow line (no file:line)."""
+    import warnings
+
+    from rclip_core.weights.registry import UnverifiedDownloadWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UnverifiedDownloadWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, UnverifiedDownloadWarning):
+                from rich.markup import escape
+
+                err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", soft_wrap=True, highlight=False)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def resolve_model(kw: dict[str, Any], device):
     """Load the model named by the model options (and attach --rpn-weights)."""
     from rclip_core.errors import InputError
@@ -59,13 +95,15 @@ def resolve_model(kw: dict[str, Any], device):
         raise InputError("--random-init needs --model ARCH", "e.g. --model RN50-quickgelu --random-init")
     if not weights and not name:
         raise InputError("no model given", "pass --weights PATH (e.g. regionclip_pretrained-cc_rn50.pth) or --model NAME")
-    model = load_model(weights=weights, model=name, pretrained=kw.get("pretrained"), random_init=bool(random_init),
-                       device=device)
+    trust = bool(kw.get("trust_weights"))
+    with show_library_warnings():
+        model = load_model(weights=weights, model=name, pretrained=kw.get("pretrained"), random_init=bool(random_init),
+                           device=device, trust=trust)
     if random_init:
         err_console.print("[bold yellow]warning:[/] the model's weights are random (untrained): its outputs are "
                           "meaningless; use it only to check that the pipeline runs.")
     if kw.get("rpn_weights"):
-        load_rpn_file(model, kw["rpn_weights"])
+        load_rpn_file(model, kw["rpn_weights"], trust=trust)
     return model
 
 
@@ -89,7 +127,7 @@ def resolve_vocabulary_and_embeddings(model, kw: dict[str, Any]):
         vocab = get_vocabulary(kw["vocabulary"])
 
     if kw.get("class_embeddings"):
-        emb, names = load_class_embeddings(kw["class_embeddings"])
+        emb, names = load_class_embeddings(kw["class_embeddings"], trust=bool(kw.get("trust_weights")))
         if vocab is None:
             if not names:
                 raise InputError(f"{kw['class_embeddings']} has {emb.shape[0]} rows but no class names",

@@ -7,6 +7,7 @@ import importlib
 
 import click
 
+from rclip_cli._common import RclipGroup
 from rclip_core import __version__
 
 # command name -> (module under rclip_cli.commands, attribute, one-line help)
@@ -21,10 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pseudo-label": ("pseudo_label", "pseudo_label", "Label image regions with a teacher and a concept pool."),
     "data": ("data", "data", "Make and inspect data sets (ShapesWorld)."),
     "weights": ("weights", "weights", "Inspect, convert and download model weights."),
+    "export": ("export", "export", "Export a detector to ONNX (vocabulary as an input)."),
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(RclipGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [n for n, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(f"rclip_cli.commands.{mod}")]
 

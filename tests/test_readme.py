@@ -40,6 +40,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 
+#: the exemplar and video lines use the teacher of the pretraining lines (run before them)
+EXEMPLARS_AND_VIDEO = [
+    "rclip detect shapes/val/000001.jpg --weights runs/shapes_teacher/final.safetensors --short-side 256 "
+    '--classes "red diamond" --exemplar "shapes/train/000002.jpg:13.89,4,111,101.11=purple square" --proposals grid',
+    "rclip embed --exemplars refs.csv --weights runs/shapes_teacher/final.safetensors --short-side 256 "
+    "--out refs.safetensors",
+    "rclip detect shapes/val/000001.jpg shapes/val/000002.jpg --weights runs/shapes_teacher/final.safetensors "
+    "--class-embeddings refs.safetensors --short-side 256 --proposals grid",
+    'rclip detect clip.mp4 --weights runs/shapes_teacher/final.safetensors --classes "red circle" '
+    "--proposals grid --short-side 256 --every 5 --track --out vid-out",
+]
+
 #: commands run exactly as written
 AS_WRITTEN = [
     "rclip quickstart --dry-run",
@@ -47,6 +59,10 @@ AS_WRITTEN = [
     "rclip data inspect world",
     "rclip data shapes shapes/ --train 2000 --val 500",
     'rclip detect photo.jpg --classes "kite,boy" --weights regionclip_pretrained-cc_rn50.pth',
+    'rclip detect photo.jpg --classes "kite,boy" --weights regionclip_pretrained-cc_rn50.pth --proposals rpn '
+    "--score-thresh 0.02 --nms 0.5 --max-dets 300 --fusion official --topk-labels 0",
+    'rclip detect photo.jpg --classes "kite,boy" --weights regionclip_pretrained-cc_rn50.pth '
+    "--rpn-weights rpn_lvis_866.pth",
     "rclip detect imgs/ --boxes boxes.json --class-embeddings coco_65_cls_emb.pth --vocabulary coco-ovd "
     "--weights regionclip_pretrained-cc_rn50.pth --save-embeddings",
     'rclip detect "photos/*.jpg" --vocabulary lvis --weights regionclip_pretrained-cc_rn50x4.pth '
@@ -55,14 +71,19 @@ AS_WRITTEN = [
     "--weights regionclip_pretrained-cc_rn50.pth --class-embeddings coco_65_cls_emb.pth --json coco_gt.json",
     "rclip eval --zero-shot --boxes rpn --dataset lvis --images coco/ --weights regionclip_pretrained-cc_rn50x4.pth",
     "rclip eval --detector --dataset coco-ovd --images coco/val2017 --weights regionclip_finetuned-coco_rn50.pth",
+    "rclip eval --detector --dataset lvis-minival --images coco/ --annotations lvis_v1_minival.json "
+    "--protocol fixed-ap --weights regionclip_finetuned-lvis_rn50.pth --rpn-weights rpn_lvis_866_lsj.pth "
+    "--json minival_fixed_ap.json",
     'rclip eval --zero-shot --dataset mydata/val.json --images mydata/images --novel-classes "zebra,kite" '
     "--weights W.pth",
     "rclip eval --zero-shot --dataset shapes:world --weights student.safetensors --json report.json",
     "rclip concepts captions_train2017.json --min-freq 100 --out coco_nouns.txt",
     "rclip embed coco_nouns.txt --weights regionclip_pretrained-cc_rn50.pth --out nouns.safetensors",
     "rclip embed coco_nouns.txt --weights W.pth --format official --out coco_nouns_emb.pth",
+    'rclip embed "kite,boy,dog" --weights regionclip_pretrained-cc_rn50.pth --out kite_boy_dog.safetensors',
     "rclip pseudo-label captions.jsonl --teacher W.pth --concepts coco_nouns.txt --proposals rpn --out labels/",
     "rclip pseudo-label --inspect labels/",
+    *EXEMPLARS_AND_VIDEO,
     "rclip detect --weights runs/mine/detector.safetensors photo.jpg",
     'rclip detect --weights runs/mine/detector.safetensors photo.jpg --classes "zebra,okapi"',
     "rclip eval --detector --weights runs/mine/detector.safetensors --dataset val.json --images val_imgs/",
@@ -94,7 +115,23 @@ NOT_RUN = {
     "rclip quickstart --seeds 3": "three quickstarts",
     "rclip quickstart --ablation image-text --ablation regions --ablation losses": "three more pretrainings",
     "rclip pretrain recipes/regionclip_rn50_cc3m.yaml data.root=/data/cc3m --nproc 8": "needs CC3M and RN50 weights",
+    "rclip weights push runs/shapes_teacher hf://me/rclip-shapes-teacher":
+        "needs the Hub (tests/test_hub.py pushes to stand-ins of huggingface_hub's API)",
+    'HF_HUB_OFFLINE=1 rclip detect photo.jpg --weights hf://me/rclip-shapes-teacher@main --classes "red circle"':
+        "needs that repository in the Hub cache (tests/test_hub.py fills a cache from a 127.0.0.1 server)",
 }
+
+_EXPORT_WHY = "an export takes minutes on 2 cores; tests/test_export.py runs these commands on stand-ins"
+NOT_RUN.update({
+    "rclip export --weights regionclip_pretrained-cc_rn50.pth --out rn50-onnx": _EXPORT_WHY,
+    "rclip detect photo.jpg --engine onnx --weights rn50-onnx/export.json --class-embeddings kite_boy_dog.safetensors":
+        _EXPORT_WHY,
+    "rclip export --weights runs/mine/detector.safetensors --out det-onnx": _EXPORT_WHY,
+})
+
+#: Python blocks that are not run (a name they import -> why)
+PYTHON_NOT_RUN = {"fiftyone": "FiftyOne is not a dependency of rclip",
+                  "OnnxDetector": "it reads the export above (tests/test_export.py runs OnnxDetector)"}
 
 #: "rclip finetune ... --fully-supervised" is the line above it, without --novel-classes, plus the flag
 FULLY = "rclip finetune ... --fully-supervised"
@@ -105,13 +142,14 @@ ORDER = [
     "rclip data shapes world --train 2000 --val 500 --seed 0",
     "rclip data inspect world",
     "rclip data shapes shapes/ --train 2000 --val 500",
-    *[c for c in AS_WRITTEN if c.startswith("rclip detect") and "runs/mine" not in c],
+    *[c for c in AS_WRITTEN if c.startswith("rclip detect") and "runs/" not in c],
     *[c for c in AS_WRITTEN if c.startswith("rclip eval") and "runs/mine" not in c],
     *[c for c in SHORTENED if c.startswith("rclip finetune")],
     FULLY,
     *AS_WRITTEN[-3:],
     *[c for c in SHORTENED if c.startswith("rclip pretrain")],
-    *[c for c in AS_WRITTEN if c.startswith(("rclip concepts", "rclip embed"))],
+    *EXEMPLARS_AND_VIDEO,
+    *[c for c in AS_WRITTEN if c.startswith(("rclip concepts", "rclip embed")) and c not in EXEMPLARS_AND_VIDEO],
     "rclip pseudo-label captions.jsonl --teacher W.pth --concepts coco_nouns.txt --proposals rpn --out labels/",
     *[c for c in SHORTENED if c.startswith("rclip pseudo-label")],
     "rclip pseudo-label --inspect labels/",
@@ -128,6 +166,11 @@ def readme_commands() -> list[str]:
             if line and not line.startswith("#"):
                 out.append(" ".join(line.split()))
     return out
+
+
+def _without_env(command: str) -> str:
+    """``VAR=value rclip ...`` -> ``rclip ...``"""
+    return re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+", "", command)
 
 
 def _kind(command: str) -> str:
@@ -225,6 +268,27 @@ def _finetuned_coco(path: Path, seed: int) -> None:
     torch.save({"model": model, "iteration": 0}, path)
 
 
+def _finetuned_lvis(path: Path, seed: int) -> None:
+    """``regionclip_finetuned-lvis_rn50.pth``: CLIP trunk, LSJ FPN RPN, box predictor (866 train /
+    1203 test) and the class-agnostic mask head."""
+    import torch
+
+    from rclip_core.models.heads import MaskHead
+
+    clip = _micro_clip(seed)
+    g = torch.Generator().manual_seed(seed)
+    d = 32
+    mask = MaskHead(8 * d)  # res5 of test-micro has 8 x 32 channels
+    model = {**_backbone(clip), **{"offline_" + k: v for k, v in _rpn("lvis_866_lsj_fpn", seed).items()},
+             **{"roi_heads.mask_head." + k: v for k, v in mask.state_dict().items()},
+             "roi_heads.box_predictor.cls_score.weight": torch.randn(866, d, generator=g),
+             "roi_heads.box_predictor.test_cls_score.weight": torch.randn(1203, d, generator=g),
+             "roi_heads.box_predictor.cls_bg_score.weight": torch.zeros(1, d),
+             "roi_heads.box_predictor.bbox_pred.weight": 0.01 * torch.randn(4, d, generator=g),
+             "roi_heads.box_predictor.bbox_pred.bias": torch.zeros(4)}
+    torch.save({"model": model, "iteration": 0}, path)
+
+
 def _photo(src: Path, dst: Path, width: int) -> tuple[int, int]:
     from PIL import Image
 
@@ -283,6 +347,8 @@ def _standins(root: Path) -> None:
     _pretrained_cc(root / "regionclip_pretrained-cc_rn50x4.pth", 1)
     shutil.copy(root / "regionclip_pretrained-cc_rn50.pth", root / "W.pth")
     _finetuned_coco(root / "regionclip_finetuned-coco_rn50.pth", 2)
+    _finetuned_lvis(root / "regionclip_finetuned-lvis_rn50.pth", 6)
+    torch.save({"model": _rpn("lvis_866_lsj_fpn", 7)}, root / "rpn_lvis_866_lsj.pth")
     torch.save({"model": _rpn("lvis_866_fpn", 3)}, root / "rpn_lvis_866.pth")
     torch.save({"model": _rpn("coco_c4", 4)}, root / "rpn_coco_48.pth")
     g = torch.Generator().manual_seed(5)
@@ -306,6 +372,7 @@ def _standins(root: Path) -> None:
     lvis_ids = {c["name"]: c["id"] for c in lvis_cats}
     lvis_labels = [[lvis_ids["person"], lvis_ids["kite"]], [lvis_ids["dog"]], [lvis_ids["zebra"], lvis_ids["bus_(vehicle)"]]]
     _write(root / "coco" / "annotations" / "lvis_v1_val.json", _instances(images, lvis_cats, lvis_labels, lvis=True))
+    shutil.copy(root / "coco" / "annotations" / "lvis_v1_val.json", root / "lvis_v1_minival.json")
 
     # your own COCO-format data
     own = [{"id": k, "name": n} for k, n in enumerate(["zebra", "giraffe", "kite", "person", "dog"], start=1)]
@@ -328,10 +395,32 @@ def _standins(root: Path) -> None:
                   for s, c in zip(samples, ["A boy flying a kite on the beach.", "A dog next to a car."])) + "\n")
 
 
+def _video(path: Path, frames: int = 12) -> None:
+    """A short H.264 clip of the sample photo panning (what ``rclip detect clip.mp4`` reads)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(DATA / "sample_img1.jpg") as im:
+        base = np.asarray(im.convert("RGB").resize((384, 216)))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 256, 144, "yuv420p"
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(base[k * 4:k * 4 + 144, k * 8:k * 8 + 256]),
+                                               format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     _standins(root)
+    _video(root / "clip.mp4")
+    csv = re.findall(r"```csv\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    assert len(csv) == 1 and csv[0].startswith("image,x1,y1,x2,y2,name")
+    (root / "refs.csv").write_text(csv[0], encoding="utf-8")
     shutil.copytree(REPO / "recipes", root / "recipes")
     return root
 
@@ -361,6 +450,11 @@ def test_readme_commands_run_as_written(scratch):
     report = json.loads((scratch / "coco_gt.json").read_text())
     assert report and "Traceback" not in json.dumps(report)
     assert (scratch / "report.json").is_file()
+    frames = json.loads((scratch / "vid-out" / "clip.json").read_text())
+    assert (scratch / "vid-out" / "clip.mp4").stat().st_size > 0 and frames
+    assert (scratch / "refs.safetensors").is_file()
+    fixed = json.loads((scratch / "minival_fixed_ap.json").read_text())
+    assert fixed["protocol"]["name"] == "fixed-ap" and "segm_AP" in fixed["metrics"]
     for run in ("runs/mine", "runs/mine-fully", "runs/coco_ovd", "runs/shapes_ft"):
         assert (scratch / run / "detector.safetensors").is_file(), run
     assert (scratch / "runs" / "shapes_teacher" / "final.safetensors").is_file()
@@ -381,6 +475,8 @@ def test_readme_python_block_runs(scratch):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
     for code in blocks:
+        if any(re.search(rf"^(from|import) .*\b{name}\b", code, re.M) for name in PYTHON_NOT_RUN):
+            continue
         res = subprocess.run([sys.executable, "-c", code], cwd=scratch, capture_output=True, text=True, timeout=600,
                              env=dict(os.environ, PYTHONPATH=str(REPO), RCLIP_OFFLINE="1"))
         assert res.returncode == 0, f"{code}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
@@ -389,6 +485,6 @@ def test_readme_python_block_runs(scratch):
 @pytest.mark.parametrize("command", list(NOT_RUN))
 def test_readme_commands_not_run_still_parse(command):
     """Options and subcommands as the README writes them, up to the end of option parsing."""
-    res = _rclip([*shlex.split(command)[1:], "--help"], REPO)
+    res = _rclip([*shlex.split(_without_env(command))[1:], "--help"], REPO)
     assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
     assert "Usage:" in res.stdout

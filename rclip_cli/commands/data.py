@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rclip_cli._common import console, parse_key_values, progress_bar, rclip_command
+from rclip_cli._common import RclipGroup, console, parse_key_values, progress_bar, rclip_command
 from rclip_core.errors import InputError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=RclipGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def data() -> None:
     """Make and inspect data sets.
 
@@ -124,25 +124,41 @@ def inspect_cmd(directory: Path, debug: bool) -> None:
 
     world = read_shapes_world(directory)
     root = Path(world["root"])
-    split = read_json(root / world["files"]["split"], "split file")
-    split_of = {c["id"]: "base" for c in split["base"]} | {c["id"]: "novel" for c in split["novel"]}
+    split_path = root / world["files"]["split"]
+    split = read_json(split_path, "split file")
+    if not (isinstance(split, dict) and all(isinstance(split.get(k), list) for k in ("base", "novel"))):
+        raise InputError(f"{split_path} is not a ShapesWorld split file (no 'base' and 'novel' lists)",
+                         "regenerate it with: rclip data shapes DIR")
+    try:
+        split_of = {c["id"]: "base" for c in split["base"]} | {c["id"]: "novel" for c in split["novel"]}
+    except (TypeError, KeyError):
+        raise InputError(f"{split_path}: every class of 'base' and 'novel' needs an 'id'") from None
     objects: dict[str, Counter] = {}
     mentions: dict[str, Counter] = {}
     images: dict[str, int] = {}
     captions: dict[str, int] = {}
     synonym_nouns = Counter()
     for s in ("train", "val"):
-        coco = read_json(root / world["files"]["instances"][s], f"{s} instances")
+        coco = _instances(root / world["files"]["instances"][s], s)
         images[s] = len(coco["images"])
         objects[s] = Counter(a["category_id"] for a in coco["annotations"])
         mentions[s] = Counter()
         captions[s] = 0
-        with open(root / world["files"]["captions"][s], encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
+        cap_path = root / world["files"]["captions"][s]
+        with open(cap_path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    ids, nouns = rec["category_ids"], rec["nouns"]
+                    mentions[s].update(ids)
+                    synonym_nouns.update(n for n in nouns if n not in SHAPE_NOUNS)
+                except (ValueError, TypeError, KeyError):
+                    raise InputError(f"{cap_path} line {lineno} is not a ShapesWorld caption record "
+                                     "(JSON with 'category_ids' and 'nouns')",
+                                     "regenerate it with: rclip data shapes DIR") from None
                 captions[s] += 1
-                mentions[s].update(rec["category_ids"])
-                synonym_nouns.update(n for n in rec["nouns"] if n not in SHAPE_NOUNS)
     cats = coco["categories"]
     table = Table(title=f"ShapesWorld {root} (seed {world['seed']}, {world['config'].image_size} px)",
                   header_style="bold")
@@ -160,6 +176,24 @@ def inspect_cmd(directory: Path, debug: bool) -> None:
     console.print(f"images: train {images['train']}, val {images['val']}; "
                   f"captions: train {captions['train']}, val {captions['val']}; "
                   f"synonym nouns used {sum(synonym_nouns.values())} times")
+
+
+def _instances(path: Path, split: str) -> dict:
+    """A ShapesWorld instances file, checked as far as ``inspect`` reads it (one-line errors)."""
+    from rclip_core.fileio import read_json
+
+    coco = read_json(path, f"{split} instances")
+    if not (isinstance(coco, dict) and all(isinstance(coco.get(k), list) for k in ("images", "annotations",
+                                                                                   "categories"))):
+        raise InputError(f"{path} is not a COCO instances file (no 'images', 'annotations' and 'categories' lists)",
+                         "regenerate it with: rclip data shapes DIR")
+    for i, a in enumerate(coco["annotations"]):
+        if not isinstance(a, dict) or "category_id" not in a:
+            raise InputError(f"{path}: annotation #{i} has no 'category_id'")
+    for i, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise InputError(f"{path}: category #{i} needs 'id' and 'name'")
+    return coco
 
 
 data.add_command(shapes)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from rclip_cli._common import console, device_option, progress_bar, rclip_command
+from rclip_cli._model_options import trust_option
 
 FORMATS = ("rclip", "official")
 _OFFICIAL_SUFFIXES = (".pth", ".pt")
@@ -94,9 +95,17 @@ def _check_out_file(out: str) -> Path:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompts per forward.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the text-embedding cache.")
+@click.option("--exemplars", "exemplars_file", type=click.Path(dir_okay=False),
+              help="Embed example boxes instead of names: a CSV (image,x1,y1,x2,y2,name rows) or JSON file; "
+                   "region embeddings averaged per name (image paths relative to the file).")
+@click.option("--short-side", type=click.IntRange(min=16), default=800, show_default=True,
+              help="--exemplars: test resize of the exemplar images; use the one of `rclip detect` (ShapesWorld: 256).")
+@click.option("--max-size", type=click.IntRange(min=16), default=1333, show_default=True,
+              help="--exemplars: longest image side at most this after resizing.")
+@trust_option
 @device_option
 def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_init, templates, average, out, fmt,
-          squeeze, batch_size, no_cache, device, debug):
+          squeeze, batch_size, no_cache, exemplars_file, short_side, max_size, trust_weights, device, debug):
     """Embed class or concept names with a CLIP text tower and a prompt ensemble.
 
     NAMES_OR_POOL is a class list / concept pool file (one name per line; `noun,count` pools
@@ -111,6 +120,11 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
       rclip embed coco_nouns_4764.txt --model RN50-quickgelu --out coco_nouns_4764_emb.pth
       rclip embed --vocabulary coco-ovd --weights teacher.safetensors --out coco_65.safetensors
       rclip embed "kite,boy,surfboard" --model RN50-quickgelu --templates single --out mine.safetensors
+      rclip embed --exemplars refs.csv --weights student.safetensors --short-side 256 --out refs.safetensors
+
+    With --exemplars FILE, each row's box goes through the region path of `rclip detect`
+    (trunk, RoIAlign, res5, attention pool); the region embeddings are L2-normalised and
+    averaged per name, and the result is what --class-embeddings takes. No text tower needed.
     """
     from rich.table import Table
 
@@ -118,6 +132,9 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
     from rclip_core.errors import InputError
     from rclip_core.models.text import embed_class_names, load_templates
 
+    if exemplars_file:
+        return _embed_exemplars(names_or_pool, vocabulary, exemplars_file, weights, model_name, pretrained,
+                                random_init, out, fmt, squeeze, short_side, max_size, trust_weights, device)
     vocab = resolve_names(names_or_pool, vocabulary)
     form = output_format(out, fmt)
     if squeeze and form != "official":
@@ -130,7 +147,7 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
     from rclip_cli._model_options import resolve_model
 
     model = resolve_model({"weights": weights, "model_name": model_name, "pretrained": pretrained,
-                           "random_init": random_init}, dev)
+                           "random_init": random_init, "trust_weights": trust_weights}, dev)
     if not model.has_text:
         raise InputError(f"{weights or model_name} has no text encoder, so names cannot be embedded",
                          "use CLIP weights with a text tower (e.g. --model RN50-quickgelu, or the teacher "
@@ -166,3 +183,56 @@ def embed(names_or_pool, vocabulary, weights, model_name, pretrained, random_ini
     console.print(table)
     console.print(f"wrote {out_path} ({form} format" + (", names inside)" if form == "rclip" else
                                                          "; row i = name i of the input)"))
+
+
+def _embed_exemplars(names_or_pool, vocabulary, exemplars_file, weights, model_name, pretrained, random_init, out,
+                     fmt, squeeze, short_side, max_size, trust_weights, device) -> None:
+    """``rclip embed --exemplars FILE``: every row checked (file, images, boxes) before the model loads."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from rclip_core.data.exemplars import check_exemplar_images, read_exemplars_file
+    from rclip_core.device import resolve_device
+    from rclip_core.errors import InputError
+
+    if names_or_pool or vocabulary:
+        raise InputError("--exemplars takes the class names from its rows: drop NAMES_OR_POOL / --vocabulary")
+    form = output_format(out, fmt)
+    if squeeze and form != "official":
+        raise InputError("--squeeze applies to --format official only")
+    out_path = _check_out_file(out)
+    rows = read_exemplars_file(exemplars_file)
+    check_exemplar_images(rows)
+    dev = resolve_device(device)
+    from rclip_cli._model_options import resolve_model
+    from rclip_core.exemplars import average_per_name, exemplar_region_embeddings
+
+    model = resolve_model({"weights": weights, "model_name": model_name, "pretrained": pretrained,
+                           "random_init": random_init, "trust_weights": trust_weights}, dev)
+    with progress_bar("exemplars", total=len(rows), unit="boxes") as advance:
+        unit, row_names = exemplar_region_embeddings(model, rows, short_side=short_side, max_size=max_size,
+                                                     progress=advance)
+    emb, names = average_per_name(unit, row_names)
+    counts = Counter(row_names)
+    if form == "official":
+        from rclip_core.weights.io import save_official_embeddings
+
+        save_official_embeddings(out_path, emb, squeeze)
+    else:
+        from rclip_core.weights.io import save_safetensors
+
+        meta = {"kind": "embeddings", "names": names, "source": "exemplars", "exemplars": [counts[n] for n in names],
+                "average": "normalized", "short_side": short_side, "max_size": max(max_size, short_side),
+                "model": model.info.source, "architecture": model.arch.name, "embed_dim": int(emb.shape[1])}
+        save_safetensors(out_path, {"embeddings": emb}, meta)
+    table = Table(title=f"rclip embed --exemplars: {len(rows)} boxes, {len(names)} names", title_justify="left")
+    table.add_column("name")
+    table.add_column("exemplars", justify="right")
+    for n in names[:30]:
+        table.add_row(n, str(counts[n]))
+    console.print(table)
+    if len(names) > 30:
+        console.print(f"... and {len(names) - 30} more names")
+    console.print(f"wrote {out_path} ([{emb.shape[0]}, {emb.shape[1]}] unit rows, {form} format, model "
+                  f"{model.info.source} ({model.arch.name}), test resize {short_side})")

@@ -31,9 +31,11 @@ _PLAIN_NAMES = {
     "region_acc": "Region accuracy (GT boxes, top-1)",
     "region_acc_novel": "Novel region accuracy",
     "region_acc_base": "Base region accuracy",
+    "classes_under_budget": "Classes with fewer detections than the budget",
 }
 _ORDER = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc",
-          "APf", "AP_novel", "AP_base", "AP_all", "region_acc", "region_acc_novel", "region_acc_base")
+          "APf", "AP_novel", "AP_base", "AP_all", "region_acc", "region_acc_novel", "region_acc_base",
+          "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl", "segm_APr", "segm_APc", "segm_APf")
 
 
 @rclip_command("eval", short_help="COCO / LVIS evaluation: zero-shot (GT or RPN boxes) or a detector.")
@@ -43,7 +45,8 @@ _ORDER = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "A
 @click.option("--detector", is_flag=True,
               help="Evaluate a fine-tuned detector (weights from `rclip finetune`).")
 @click.option("--dataset", metavar="NAME|PATH",
-              help="coco-ovd (65 classes, novel/base/all AP50), coco (80), lvis (1203, APr/c/f), shapes:DIR "
+              help="coco-ovd (65 classes, novel/base/all AP50), coco (80), lvis (1203, APr/c/f; val), "
+                   "lvis-minival (the 5k minival, from --annotations lvis_v1_minival.json), shapes:DIR "
                    "(a ShapesWorld; novel/base from its split.json), or an instances PATH.json.")
 @click.option("--images", metavar="DIR",
               help="Folder with the images (COCO: val2017/; LVIS: val2017/ or the COCO root). "
@@ -96,23 +99,29 @@ _ORDER = ("AP50_novel", "AP50_base", "AP50_all", "AP", "AP50", "AP75", "APs", "A
 @click.option("--backend", type=click.Choice(["faster", "pycocotools", "lvis"]), default="faster",
               show_default=True,
               help="AP implementation: faster-coco-eval (COCO and LVIS), pycocotools (COCO), lvis (LVIS).")
+@click.option("--protocol", type=click.Choice(["standard", "fixed-ap"]), default="standard", show_default=True,
+              help="standard = COCO 100 / LVIS 300 detections per image; fixed-ap = LVIS Fixed AP (Dave et al. "
+                   "2021: top 10,000 detections per class over the split, no per-image cap; GLIP, YOLO-World, "
+                   "MM-Grounding-DINO on minival). With fixed-ap, --max-dets defaults to 1000 per image.")
 @click.option("--json", "json_path", metavar="FILE",
               help="Write the report (metrics, coverage, model, dataset, split, settings, file hashes).")
 @click.option("--save-predictions", metavar="FILE",
               help="Write the detections in COCO results format (image_id, category_id, bbox [x, y, w, h], "
-                   "score).")
+                   "score; + segmentation RLE for a detector with a mask head).")
 @device_option
 def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, base_classes,
              class_embeddings, templates, average, boxes, score_thresh, nms, max_dets, fusion,
              topk_labels, soft_nms, rpn_nms, rpn_topk, short_side, max_size, precision, batch_size, workers,
-             max_images, backend, json_path, save_predictions, device, debug, **kw):
+             max_images, backend, protocol, json_path, save_predictions, device, debug, **kw):
     """Evaluate open-vocabulary detection on COCO, COCO OVD, LVIS, ShapesWorld or your COCO-format data.
 
     Zero-shot settings follow the official configs (CLIP_fast_rcnn_R_50_C4_zsinf.yaml, Table 4)
     for the data set and box mode, detector settings the transfer-learning ones
     (test_transfer_learning.sh); every one can be overridden.
     Prints a table of metrics; --json writes them with the model, data set, split, settings and
-    file hashes; --save-predictions writes the detections.
+    file hashes, and names the protocol, split and detection budget beside every number;
+    --save-predictions writes the detections. A detector with a mask head also gets mask AP
+    (segm_AP, segm_APr, ...) when the ground truth has segmentations.
     Images missing on disk are counted, and the metrics state how many images they cover.
 
     \b
@@ -126,6 +135,9 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
           --novel-classes "zebra,kite" --weights W.pth --save-predictions preds.json
       rclip eval --detector --dataset coco-ovd --images coco/val2017 \\
           --weights regionclip_finetuned-coco_rn50.pth --rpn-weights rpn_coco_48.pth
+      rclip eval --detector --dataset lvis-minival --images coco/ --protocol fixed-ap \\
+          --annotations lvis_v1_minival.json --weights regionclip_finetuned-lvis_rn50.pth \\
+          --rpn-weights rpn_lvis_866_lsj.pth --json minival_fixed_ap.json
     """
     from rclip_core.device import resolve_device
     from rclip_core.errors import InputError
@@ -163,6 +175,11 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
         raise InputError("--json and --save-predictions name the same file")
 
     data = resolve_dataset(dataset, images, annotations, novel_classes, base_classes)
+    from rclip_core.evaluation.protocol import describe_protocol
+
+    protocol_info = describe_protocol(protocol, data.kind)  # fixed-ap on COCO data fails here, before the model
+    if protocol == "fixed-ap" and max_dets is None:
+        max_dets = 1000  # a per-image cap of 300 would leave most classes short of the 10,000 budget
     if backend == "pycocotools" and data.kind == "lvis":
         raise InputError("the pycocotools backend cannot evaluate LVIS (federated rules differ)",
                          hint="use --backend faster or --backend lvis")
@@ -172,7 +189,8 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
     dev = resolve_device(device)
     overrides = {"score_thresh": score_thresh, "nms": nms, "max_dets": max_dets,
                  "fusion": fusion}
-    common = {"backend": backend, "batch_size": batch_size, "workers": workers, "max_images": max_images,
+    common = {"protocol": protocol_info["name"], "protocol_text": protocol_info["text"],
+              "per_class_budget": protocol_info["per_class"], "backend": backend, "batch_size": batch_size, "workers": workers, "max_images": max_images,
               "class_embeddings": str(class_embeddings) if class_embeddings else
               f"text tower, {templates} templates, {average} average", "device": str(dev),
               "short_side": short_side, "max_size": max_size}
@@ -185,7 +203,7 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
                                                     rpn_topk, short_side, max_size, precision,
                                                     class_embeddings, templates, average)
         mode = f"zero-shot/{boxes}"
-    settings = {**common, **settings, "eval_max_dets": 300 if data.kind == "lvis" else 100}
+    settings = {**common, **settings, "eval_max_dets": protocol_info["per_image"]}
     _print_header(data, model, settings, mode, max_images)
 
     n_images = min(len(data.present), max_images) if max_images else len(data.present)
@@ -198,9 +216,12 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
 
         result = run_evaluation(data, predict, gt_boxes=mode == "zero-shot/gt", short_side=short_side,
                                 max_size=max_size, backend=backend, batch_size=batch_size, workers=workers,
-                                max_images=max_images, progress=advance, metrics_progress=advance_metrics)
+                                max_images=max_images, protocol=protocol, progress=advance,
+                                metrics_progress=advance_metrics)
 
     _print_table(result, data, mode)
+    for note in result.notes:
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
     if result.failed:
         from rich.markup import escape
 
@@ -214,8 +235,9 @@ def eval_cmd(zero_shot, detector, dataset, images, annotations, novel_classes, b
     if save_predictions:
         from rclip_core.evaluation.results import write_results
 
-        write_results(save_predictions, result.detections)
-        console.print(f"wrote {save_predictions} ({len(result.detections)} detections, COCO results format)")
+        write_results(save_predictions, result.detections, segmentations=result.segmentations)
+        console.print(f"wrote {save_predictions} ({len(result.detections)} detections, COCO results format"
+                      + (", with mask RLEs)" if result.segmentations is not None else ")"))
     if json_path:
         from rclip_core.evaluation.results import make_report
         from rclip_core.fileio import atomic_write_json
@@ -247,7 +269,8 @@ def _zero_shot_setup(kw, data, dev, boxes, overrides, topk_labels, rpn_nms, rpn_
         s = model.rpn.settings
         model.rpn.settings = replace(s, nms=rpn_nms if rpn_nms is not None else s.nms,
                                      post_nms_topk=rpn_topk if rpn_topk is not None else s.post_nms_topk)
-    class_emb = dataset_class_embeddings(model, data.vocabulary, class_embeddings, templates, average)
+    class_emb = dataset_class_embeddings(model, data.vocabulary, class_embeddings, templates, average,
+                                         trust=bool(kw.get("trust_weights")))
     pipe = ZeroShotPipeline(model, class_emb, opts)
     rpn = None
     if boxes == "rpn":
@@ -290,18 +313,20 @@ def _detector_setup(kw, data, dev, overrides, soft_nms, rpn_nms, rpn_topk, class
     from rclip_core.weights.loaders import load_detector
 
     lvis = data.kind == "lvis"
-    changes = {"score_thresh": 0.02 if lvis else 0.001, "max_dets": 300 if lvis else 100}
+    # the official protocol whatever the file stores: every (box, class) pair may become a
+    # detection (fast_rcnn.py: fast_rcnn_inference_single_image), the benchmark's threshold / top-k
+    changes = {"score_thresh": 0.02 if lvis else 0.001, "max_dets": 300 if lvis else 100, "topk_labels": 0}
     changes.update({k: v for k, v in overrides.items() if v is not None})
     if soft_nms is not None:
         changes["soft_nms"] = soft_nms
-    det = load_detector(kw["weights"], device=dev)
+    det = load_detector(kw["weights"], device=dev, trust=bool(kw.get("trust_weights")))
     det.update_inference(**changes)
     if kw.get("rpn_weights"):
         from rclip_core.weights.loaders import load_rpn_file
 
         if det.proposal_generator is not None:
             raise InputError("--rpn-weights: this detector trained its own RPN")
-        load_rpn_file(det.regionclip, kw["rpn_weights"])
+        load_rpn_file(det.regionclip, kw["rpn_weights"], trust=bool(kw.get("trust_weights")))
         det.set_test_proposals()  # the transfer settings (NMS 0.7, 1000 proposals: CLIP_fast_rcnn_R_50_C4_ovd.yaml)
     if rpn_nms is not None or rpn_topk is not None:
         det.set_test_proposals(post_nms_topk=rpn_topk, nms=rpn_nms)
@@ -316,7 +341,8 @@ def _detector_setup(kw, data, dev, overrides, soft_nms, rpn_nms, rpn_topk, class
                              f"{len(vocab)} and it has no text encoder to embed them",
                              hint="pass --class-embeddings FILE with the dataset's classes in category-id "
                                   "order")
-        emb = dataset_class_embeddings(det.regionclip, vocab, class_embeddings, templates, average)
+        emb = dataset_class_embeddings(det.regionclip, vocab, class_embeddings, templates, average,
+                                       trust=bool(kw.get("trust_weights")))
         det.set_vocabulary(list(vocab.names), emb)
     s = det.inference_config
     rpn = None
@@ -327,7 +353,7 @@ def _detector_setup(kw, data, dev, overrides, soft_nms, rpn_nms, rpn_topk, class
                "min_box_size": r.min_box_size}
     settings = {"boxes": "detector", "proposals": det.config.proposals, "score_thresh": s.score_thresh,
                 "nms_thresh": s.nms, "soft_nms": s.soft_nms, "max_dets": s.max_dets,
-                "fusion": s.fusion, "topk_labels": 0, "rpn": rpn, "precision": "fp32",
+                "fusion": s.fusion, "topk_labels": s.topk_labels, "rpn": rpn, "precision": "fp32",
                 **({"class_embeddings": "the detector file's"} if (same and not class_embeddings) else {})}
     return detector_predictor(det), det.regionclip, settings
 
@@ -346,8 +372,21 @@ def _check_output_file(path: str, option: str) -> None:
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not _can_create_in(parent):
         raise InputError(f"cannot write {option} {p}: {parent} is not a writable folder")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (tried: ``os.access`` says yes to root everywhere)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rclip-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def _print_header(data, model, s: dict, mode: str, max_images) -> None:
@@ -371,6 +410,7 @@ def _print_header(data, model, s: dict, mode: str, max_images) -> None:
                   f"detections/image | fusion {s['fusion']} | {pairs} | resize "
                   f"{s['short_side']}/{s['max_size']} | {s['precision']} | {s['backend']} backend",
                   soft_wrap=True, markup=True)
+    console.print(f"[bold]protocol[/] {s['protocol_text']}", soft_wrap=True, highlight=False)
     n = len(data.present)
     if data.missing:
         err_console.print(f"[bold yellow]warning:[/] {len(data.missing)} of the {data.num_images} images are "
@@ -396,17 +436,20 @@ def _print_table(result, data, mode: str) -> None:
     if data.splits and "all" not in sizes:
         sizes["all"] = len(set().union(*data.splits.values()))
     what = {"zero-shot/gt": "zero-shot, GT boxes", "zero-shot/rpn": "zero-shot, RPN boxes"}.get(mode, mode)
-    table = Table(title=f"rclip eval: {what}, {data.name} ({result.coverage} images)",
-                  caption="AP on a 0-100 scale; n/a = no ground truth", min_width=72)
+    table = Table(title=f"rclip eval: {what}, {data.name} ({result.coverage} images), {result.protocol['name']}",
+                  caption="AP on a 0-100 scale (segm_ = mask AP); n/a = no ground truth; "
+                          + result.protocol["text"], min_width=72)
     table.add_column("metric")
     table.add_column("key", style="dim")
     table.add_column("value", justify="right")
     keys = [k for k in _ORDER if k in result.metrics] + sorted(k for k in result.metrics if k not in _ORDER)
     for k in keys:
-        split = k.split("_", 1)[1] if "_" in k and not k.startswith("region_acc_") else \
-            (k[len("region_acc_"):] if k.startswith("region_acc_") else "")
+        mask, base = k.startswith("segm_"), k[len("segm_"):] if k.startswith("segm_") else k
+        split = base.split("_", 1)[1] if "_" in base and not base.startswith("region_acc_") else \
+            (base[len("region_acc_"):] if base.startswith("region_acc_") else "")
         n = sizes.get(split)
-        name = _PLAIN_NAMES.get(k, k).format(n="?" if n is None else f"{n} class{'es' if n != 1 else ''}")
+        name = ("Mask " if mask else "") + _PLAIN_NAMES.get(base, base).format(
+            n="?" if n is None else f"{n} class{'es' if n != 1 else ''}")
         table.add_row(name, k, _fmt(k, result.metrics[k]))
     console.print(table)
     parts = [f"{len(result.missing)} missing on disk"] if result.missing else []

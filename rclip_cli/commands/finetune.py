@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from rclip_cli._common import console, device_option, err_console, progress_bar, rclip_command
+from rclip_cli._model_options import trust_option
 
 # option name -> recipe key
 _OPTION_KEYS = {
@@ -71,9 +72,10 @@ def _split_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Processes on this machine (relaunches itself with torchrun; one per GPU).")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the resolved recipe; train nothing.")
+@trust_option
 @device_option
 def finetune(args, dataset, images, val_dataset, val_images, novel_classes, fully_supervised, init, model_name,
-             pretrained, random_init, rpn_weights, out_dir, resume, nproc, dry_run, device, debug):
+             pretrained, random_init, rpn_weights, out_dir, resume, nproc, dry_run, trust_weights, device, debug):
     """Fine-tune a RegionCLIP model into an open-vocabulary detector (Faster R-CNN C4 on the
     CLIP trunk, text-embedding classifier) and evaluate it.
 
@@ -128,6 +130,8 @@ def finetune(args, dataset, images, val_dataset, val_images, novel_classes, full
         if not names or any(not n for n in names):
             raise InputError(f"--novel-classes {novel_classes!r} has an empty entry", 'e.g. --novel-classes "cat,dog"')
         overrides["data.novel_classes"] = "[" + ", ".join(_yaml_str(n) for n in names) + "]"
+    if trust_weights:  # the recipe key trust_weights
+        overrides["trust_weights"] = "true"
     if fully_supervised:
         if novel_classes:
             raise InputError("--fully-supervised and --novel-classes exclude each other")
@@ -185,7 +189,7 @@ def _forward_options(local: dict[str, Any]) -> list[str]:
     """The options of this call, for the torchrun workers (without --nproc and --dry-run)."""
     out: list[str] = []
     flags = {"fully_supervised": "--fully-supervised", "random_init": "--random-init", "resume": "--resume",
-             "debug": "--debug"}
+             "debug": "--debug", "trust_weights": "--trust-weights"}
     for name, flag in flags.items():
         if local.get(name):
             out.append(flag)
@@ -209,12 +213,15 @@ def _run(recipe, device: str, resume: bool) -> None:
     with ExitStack() as stack:
 
         def on_event(event: str, info: dict) -> None:
-            if event == "data":
-                for note in info.get("notes", ()):
-                    err_console.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
-                console.print(f"[bold]data:[/] {escape(info['description'])}; {info['train_images']} training images, "
-                              f"{info['val_images']} evaluation images")
+            if event == "data":  # shown with "start": an error building the model comes first
+                state["data"] = info
             elif event == "start":
+                data = state.pop("data", None)
+                if data is not None:
+                    for note in data.get("notes", ()):
+                        err_console.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
+                    console.print(f"[bold]data:[/] {escape(data['description'])}; {data['train_images']} training "
+                                  f"images, {data['val_images']} evaluation images")
                 amp = f", AMP {info['amp_dtype']}" if info["amp"] else ""
                 console.print(f"[bold]training:[/] steps {info['start_step']} -> {info['max_steps']} on "
                               f"{info['world_size']} process(es) ({info['device']}{amp}), "

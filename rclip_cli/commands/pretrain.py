@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from rclip_cli._common import console, device_option, err_console, progress_bar, rclip_command
+from rclip_cli._model_options import trust_option
 
 _SHORT = {"region_concept_contrastive": "contrast", "concept_distillation": "distill",
           "image_text_contrastive": "img-txt", "regions_kept": "kept", "logit_scale": "scale"}
@@ -54,9 +55,10 @@ def _print_evaluation(ev: dict) -> None:
 @click.option("--nproc", type=int, default=None,
               help="Launch this many processes on this machine through torchrun (gloo on CPU, nccl on CUDA).")
 @click.option("--print-recipe", is_flag=True, help="Print the resolved recipe (defaults filled in) and exit.")
+@trust_option
 @device_option
 def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int | None, print_recipe: bool,
-             device: str, debug: bool) -> None:
+             trust_weights: bool, device: str, debug: bool) -> None:
     """Train from a YAML RECIPE, with KEY=VALUE overrides of any recipe key (dotted).
 
     \b
@@ -95,7 +97,10 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int 
     from rclip_core.errors import InputError, RuntimeFailure
 
     warnings: list[str] = []
-    recipe_obj = load_pretrain_recipe(recipe, parse_override_args(list(overrides)), warnings=warnings)
+    parsed = parse_override_args(list(overrides))
+    if trust_weights:  # the recipe key trust_weights
+        parsed["trust_weights"] = "true"
+    recipe_obj = load_pretrain_recipe(recipe, parsed, warnings=warnings)
     if int(os.environ.get("RANK", "0")) == 0:
         for w in warnings:
             err_console.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
@@ -113,6 +118,8 @@ def pretrain(recipe: Path, overrides: tuple[str, ...], resume: bool, nproc: int 
         args = ["pretrain", str(recipe), *overrides, "--device", device]
         if resume:
             args.append("--resume")
+        if trust_weights:
+            args.append("--trust-weights")
         if debug:
             args.append("--debug")
         import time
@@ -168,5 +175,15 @@ def _run(recipe_path: Path, recipe, resume: bool, device: str) -> None:
     if result.final_weights is not None:
         console.print(f"weights: {result.final_weights}")
     console.print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
+    rep = result.data_report or {}
+    if rep.get("bad_items"):
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]skipped {rep['bad_items']} unreadable training item(s)[/]"
+                          + (f" (e.g. {escape(', '.join(rep['bad_examples']))})" if rep.get("bad_examples") else ""),
+                          soft_wrap=True)
+    if rep.get("gt_box_misses"):
+        err_console.print(f"[yellow]{rep['gt_box_misses']} training image(s) had no entry in regions.gt_boxes and "
+                          "got random regions[/]", soft_wrap=True)
     if result.evaluation:
         _print_evaluation(result.evaluation)

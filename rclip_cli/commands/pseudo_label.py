@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from rclip_cli._common import console, device_option, err_console, progress_bar, rclip_command
+from rclip_cli._model_options import trust_option
 
 # Seconds to pause after each finished shard: throttling on shared machines, and how the tests
 # reach a run that is killed half-way.
@@ -81,6 +82,7 @@ SHARD_DELAY_ENV = "RCLIP_PSEUDO_LABEL_SHARD_DELAY"
 @click.option("--overwrite", is_flag=True, help="Delete the shards in --out and start over.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes (GPUs) on this machine: relaunches itself with torchrun.")
+@trust_option
 @click.option("--inspect", "inspect_dir", type=click.Path(file_okay=False),
               help="Inspect a pseudo-label directory instead: statistics, and --render K images into "
                    "DIR/inspect/.")
@@ -192,7 +194,8 @@ def _validate_inputs(data: str | None, out_dir: str, o: dict) -> None:
         raise InputError(f"--out {out_dir} exists and is not a directory")
 
 
-def _load_concepts(model, concepts_file, concept_embeddings, templates, average, show: bool = True):
+def _load_concepts(model, concepts_file, concept_embeddings, templates, average, show: bool = True,
+                   trust: bool = False):
     """(names, [N, D] embeddings, pool sha256, index info)."""
     import hashlib
 
@@ -208,7 +211,7 @@ def _load_concepts(model, concepts_file, concept_embeddings, templates, average,
     if concept_embeddings:
         from rclip_core.weights.loaders import load_class_embeddings
 
-        emb, stored = load_class_embeddings(concept_embeddings)
+        emb, stored = load_class_embeddings(concept_embeddings, trust=trust)
         if names is None:
             if not stored:
                 raise InputError(f"{concept_embeddings} has {emb.shape[0]} rows but no concept names",
@@ -250,6 +253,10 @@ def _run(data: str | None, out_dir: str, o: dict) -> None:
         images = collect_label_images(data, o["images_dir"], o["fmt"], o["max_images"])
 
     device = o["device"]
+    if device not in (None, "auto"):
+        from rclip_core.device import resolve_device
+
+        resolve_device(device)  # a bad --device name is one line, before any process group exists
     info = init_distributed(device=None if device in (None, "auto") else device)
     try:
         from rclip_core.device import resolve_device
@@ -259,13 +266,15 @@ def _run(data: str | None, out_dir: str, o: dict) -> None:
 
         teacher = os.path.abspath(o["teacher"]) if o["teacher"] else None  # the index records it
         model = resolve_model({"weights": teacher, "model_name": o["model_name"], "pretrained": o["pretrained"],
-                               "random_init": o["random_init"], "rpn_weights": o["rpn_weights"]}, dev)
+                               "random_init": o["random_init"], "rpn_weights": o["rpn_weights"],
+                               "trust_weights": o["trust_weights"]}, dev)
         if settings.proposals == "rpn" and model.rpn is None:
             raise InputError("--proposals rpn needs an offline RPN, and the teacher carries none",
                              "pass --rpn-weights rpn_lvis_866.pth, or use --proposals random")
         with main_process_first():  # the others then read the concept embeddings from its cache
             names, emb, pool_sha, extra = _load_concepts(model, o["concepts_file"], o["concept_embeddings"],
-                                                         o["templates"], o["average"], show=info.is_main)
+                                                         o["templates"], o["average"], show=info.is_main,
+                                                         trust=o["trust_weights"])
         from rclip_core.fileio import ensure_output_dir, first_missing_dir, remove_empty_dirs
 
         created = first_missing_dir(Path(out_dir)) if info.is_main else None

@@ -10,13 +10,14 @@ from typing import Any
 
 import click
 
-from rclip_cli._common import console, err_console, rclip_command
+from rclip_cli._common import RclipGroup, console, err_console, rclip_command
+from rclip_cli._model_options import trust_option
 from rclip_core.errors import InputError
 
 MB = 1e6
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=RclipGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def weights() -> None:
     """Inspect, convert and download model weights.
 
@@ -27,6 +28,7 @@ def weights() -> None:
       rclip weights info model.safetensors --json
       rclip weights convert regionclip_finetuned-coco_rn50.pth coco_rn50.safetensors
       rclip weights download regionclip-rn50-cc --out checkpoints/
+      rclip weights push runs/shapes_regionclip hf://me/rclip-shapes-student
     """
 
 
@@ -91,6 +93,28 @@ def list_cmd(as_json: bool, debug: bool) -> None:
     out.print(table)
     out.print("[dim]download one with: rclip weights download NAME"
               + ("" if with_description else "; --json shows the descriptions") + "[/]")
+    _print_open_clip_tags(out)
+
+
+def _print_open_clip_tags(out: Any) -> None:
+    """The open_clip tags of the registry's architectures, and how a download of each is verified."""
+    from rich import box
+    from rich.table import Table
+
+    from rclip_core.weights.registry import list_open_clip_tags
+
+    tags = Table(title="open_clip pretrained tags (--model ARCH --pretrained TAG)", box=box.SIMPLE_HEAD)
+    tags.add_column("architecture", no_wrap=True, style="bold")
+    tags.add_column("tag", no_wrap=True)
+    tags.add_column("checksum of the download", no_wrap=True)
+    tags.add_column("format", no_wrap=True)
+    for arch, tag, check in list_open_clip_tags():
+        text = check.describe()
+        fmt = "TorchScript (tensors read as data)" if "openaipublic" in check.url else "pickle"
+        tags.add_row(arch, tag, f"[yellow]{text}[/]" if check.kind != "sha256" else text, fmt)
+    out.print(tags)
+    out.print("[dim]other tags: the full sha256 of an OpenAI URL or open_clip's 8-digit prefix; a tag with "
+              "neither is downloaded with a warning that it is unverified[/]")
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,13 +180,16 @@ def _render_info(info: dict[str, Any]) -> None:
 @rclip_command("info", short_help="Format, architecture and contents of any weights file.")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info_cmd(path: str, as_json: bool, debug: bool) -> None:
+@trust_option
+def info_cmd(path: str, as_json: bool, trust_weights: bool, debug: bool) -> None:
     """Describe a weights file: its format, the architecture read from tensor shapes, and what
     it carries (text tower, teacher, offline RPN, box predictor, mask head, embeddings).
 
     PATH can be an official RegionCLIP/Detectron2 .pth, an OpenAI/open_clip CLIP checkpoint,
     an rpn_*.pth, an official *_emb.pth embedding file, or an rclip .safetensors. The file is
-    read with torch.load(weights_only=True): pickles that would run code are refused.
+    read with torch.load(weights_only=True) and TorchScript archives as data (their tensors, never
+    their code): pickles that would run code and TorchScript that cannot be read as data are
+    refused unless --trust-weights is given.
 
     \b
     Examples:
@@ -171,7 +198,9 @@ def info_cmd(path: str, as_json: bool, debug: bool) -> None:
     """
     from rclip_core.weights.inspect import describe_weights
 
-    info = describe_weights(path)
+    from rclip_core.weights.hub import resolve_weights_path
+
+    info = describe_weights(resolve_weights_path(path), trust=trust_weights)
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
@@ -203,9 +232,10 @@ def _check_output_file(out: Path) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--rpn-weights", type=click.Path(),
               help="Also store this offline RPN (an rpn_*.pth, or a checkpoint with offline_* keys).")
-@click.option("--trust", is_flag=True,
-              help="Load SRC even if its pickle would run code (Detectron2 files with config objects). "
-                   "Only for files from a source you trust: unpickling can execute anything.")
+@click.option("--trust-weights", "--trust", "trust", is_flag=True,
+              help="Load SRC (and --rpn-weights) even if it runs code when loaded: a pickle with objects "
+                   "(Detectron2 files with config objects), a TorchScript archive that defines __setstate__. Only for "
+                   "files from a source you trust. (--trust is the old spelling.)")
 def convert_cmd(src: str, out: Path, rpn_weights: str | None, trust: bool, debug: bool) -> None:
     """Convert an official RegionCLIP / OpenAI / open_clip checkpoint SRC to an rclip
     .safetensors file OUT (architecture in its metadata, loads without pickle).
@@ -218,8 +248,8 @@ def convert_cmd(src: str, out: Path, rpn_weights: str | None, trust: bool, debug
     Examples:
       rclip weights convert regionclip_pretrained-cc_rn50.pth rn50_cc.safetensors
       rclip weights convert regionclip_finetuned-coco_rn50.pth coco.safetensors --rpn-weights rpn_coco_48.pth
+      rclip weights convert RN50.pt rn50_openai.safetensors --trust-weights
     """
-    import tempfile
 
     _check_output_file(out)
     if rpn_weights is not None:
@@ -228,43 +258,11 @@ def convert_cmd(src: str, out: Path, rpn_weights: str | None, trust: bool, debug
             raise InputError(f"RPN weights file not found: {rp}")
         if rp.is_dir():
             raise InputError(f"RPN weights path {rp} is a directory, expected a file")
-    if not trust:
-        _convert(src, src, out, rpn_weights)
-        return
-    with tempfile.TemporaryDirectory(prefix="rclip-convert-") as tmp:
-        _convert(src, _plain_copy(src, Path(tmp) / "plain.pth"), out, rpn_weights)
+    _convert(src, out, rpn_weights, trust)
 
 
-def _plain_copy(src: str, dest: Path) -> str:
-    """``--trust``: unpickle SRC with code allowed and store its tensors as a plain state dict
-    (which the safe loader reads)."""
-    import torch
-
-    from rclip_core.errors import WeightsError
-    from rclip_core.weights.io import flatten_checkpoint
-
-    p = Path(src)
-    if not p.exists():
-        raise InputError(f"weights file not found: {p}")
-    if p.is_dir():
-        raise InputError(f"weights path {p} is a directory, expected a file")
-    with open(p, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 30):
-        return src  # safetensors: no pickle, nothing to trust
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file here
-        raise WeightsError(f"weights file {p} is corrupt or not a PyTorch checkpoint "
-                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
-    if isinstance(obj, torch.nn.Module):  # e.g. an OpenAI JIT archive
-        obj = obj.state_dict()
-    torch.save({"model": flatten_checkpoint(obj, p)}, dest)
-    return str(dest)
-
-
-def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> None:
-    """Convert ``readable`` (SRC itself, or its plain copy under --trust) and report on SRC."""
+def _convert(src: str, out: Path, rpn_weights: str | None, trust: bool) -> None:
+    """Convert SRC (read with code allowed under --trust-weights) and report on it."""
     import gc
 
     from rclip_core.weights.inspect import describe_weights
@@ -272,7 +270,7 @@ def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> Non
     from rclip_core.weights.native import save_model
 
     # Describe first: it validates SRC and says what the conversion will drop.
-    src_info = describe_weights(readable)
+    src_info = describe_weights(src, trust=trust)
     gc.collect()
     if src_info["format"] == "embeddings" or src_info["kind"] == "embeddings":
         raise InputError(f"{src} holds class embeddings, not a model", "embedding files need no conversion")
@@ -281,9 +279,9 @@ def _convert(src: str, readable: str, out: Path, rpn_weights: str | None) -> Non
                          "pass it as --rpn-weights together with a model SRC")
     if src_info["offline_rpn"] and src_info["offline_rpn"]["kind"].startswith("unsupported") and not rpn_weights:
         raise InputError(f"{src} carries an offline RPN rclip cannot run: {src_info['offline_rpn']['kind']}")
-    model = load_model(weights=readable, with_rpn=rpn_weights is None, device="cpu")
+    model = load_model(weights=src, with_rpn=rpn_weights is None, device="cpu", trust=trust)
     if rpn_weights is not None:
-        load_rpn_file(model, rpn_weights)
+        load_rpn_file(model, rpn_weights, trust=trust)
     if src_info["format"] == "rclip":
         kind = src_info.get("rclip_metadata", {}).get("kind", "regionclip")
     elif src_info["format"] in ("oai_clip", "open_clip"):
@@ -368,5 +366,92 @@ def download_cmd(name: str, out_dir: Path | None, debug: bool) -> None:
     console.print(f"[green]{verb}[/] {path} ({m.size / MB:.1f} MB, sha256 verified)", soft_wrap=True, highlight=False)
 
 
-for _cmd in (list_cmd, info_cmd, convert_cmd, download_cmd):
+# ------------------------------------------------------------------------------------------
+# push
+# ------------------------------------------------------------------------------------------
+
+def _run_metrics(run_dir: Path, limit: int = 40) -> dict[str, Any]:
+    """Numbers of the run's JSON files (an `rclip eval --json` file's "metrics", or the numeric
+    leaves of e.g. a pretraining run's eval.json), keyed file/path when there are several files."""
+    files = sorted(run_dir.glob("*.json"))
+    out: dict[str, Any] = {}
+
+    def leaves(prefix: str, obj: Any) -> None:
+        if isinstance(obj, bool):
+            return
+        if isinstance(obj, (int, float)) and len(out) < limit:
+            out[prefix] = round(obj, 4) if isinstance(obj, float) else obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                leaves(f"{prefix}/{k}" if prefix else str(k), v)
+
+    for j in files:
+        try:
+            data = json.loads(j.read_text())
+        except (ValueError, OSError):
+            continue
+        if isinstance(data, dict):
+            leaves("" if len(files) == 1 else j.stem, data.get("metrics", data))
+    return out
+
+
+@rclip_command("push", short_help="Upload a run's weights to the Hugging Face Hub (hf://OWNER/REPO).")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dest")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--message", default=None, help="Commit message (default: rclip weights push).")
+def push_cmd(src: Path, dest: str, private: bool, message: str | None, debug: bool) -> None:
+    """Upload SRC (a run directory with final.safetensors, or one rclip .safetensors file) to DEST,
+    hf://OWNER/REPO[@BRANCH], with huggingface_hub's API (its token: HF_TOKEN or `hf auth login`).
+
+    Uploads model.safetensors, config.json (kind, architecture, class names), README.md (a model
+    card: architecture, vocabulary, the run's recipe.yaml, the metrics of any `rclip eval --json`
+    file in SRC) and recipe.yaml. Load it back anywhere with --weights hf://OWNER/REPO.
+
+    \b
+    Examples:
+      rclip weights push runs/shapes_regionclip hf://me/rclip-shapes-student
+      rclip weights push detector.safetensors hf://me/my-detector@dev --private
+    """
+    import shutil
+    import tempfile
+
+    from rclip_core.models.clip import get_architecture
+    from rclip_core.weights.hub import DEFAULT_FILE, hub_config, is_hub_path, model_card, parse_hub_path, upload_folder
+    from rclip_core.weights.io import read_safetensors_metadata
+
+    if not is_hub_path(dest):
+        raise InputError(f"DEST {dest!r} is not hf://OWNER/REPO", "e.g. hf://me/rclip-shapes-student")
+    ref = parse_hub_path(dest)
+    if ref.filename:
+        raise InputError(f"DEST {dest} names a file; push writes {DEFAULT_FILE} at the repository root",
+                         "give hf://OWNER/REPO[@BRANCH]")
+    if not src.exists():
+        raise InputError(f"no such directory or file: {src}")
+    run_dir = src if src.is_dir() else src.parent
+    weights_file = src / "final.safetensors" if src.is_dir() else src
+    if not weights_file.is_file():
+        raise InputError(f"{src} has no final.safetensors", "pass a run directory of `rclip pretrain` / "
+                                                            "`rclip finetune`, or an rclip .safetensors file")
+    meta = read_safetensors_metadata(weights_file)
+    if meta is None or meta.get("format") != "rclip" or "architecture" not in meta:
+        raise InputError(f"{weights_file} is not an rclip model file",
+                         "convert it first: rclip weights convert SRC model.safetensors")
+    config = hub_config(meta, get_architecture(meta["architecture"]).config)
+    recipe = run_dir / "recipe.yaml" if src.is_dir() else None
+    recipe_text = recipe.read_text() if recipe is not None and recipe.is_file() else None
+    metrics = _run_metrics(run_dir) if src.is_dir() else {}
+    with tempfile.TemporaryDirectory(prefix="rclip-push-") as tmp:
+        stage = Path(tmp)
+        shutil.copyfile(weights_file, stage / DEFAULT_FILE)
+        (stage / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (stage / "README.md").write_text(model_card(ref.repo_id, config, recipe_text, metrics))
+        if recipe_text is not None:
+            (stage / "recipe.yaml").write_text(recipe_text)
+        url = upload_folder(stage, ref, private=private, message=message)
+    console.print(f"[green]pushed[/] {weights_file} to {dest} ({url}); load it with --weights hf://{ref.repo_id}",
+                  soft_wrap=True, highlight=False)
+
+
+for _cmd in (list_cmd, info_cmd, convert_cmd, download_cmd, push_cmd):
     weights.add_command(_cmd)

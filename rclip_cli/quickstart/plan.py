@@ -76,6 +76,11 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+#: the largest seed every stage takes (ShapesWorld and the recipes: 0 .. 2**31 - 1; each torchrun
+#: process adds its rank)
+MAX_SEED = 2 ** 31 - 1
+
+
 @dataclass(frozen=True)
 class QuickstartSettings:
     """Sizes of one quickstart run (defaults: one seed in about 15 minutes on 2 CPU cores)."""
@@ -102,6 +107,9 @@ class QuickstartSettings:
     device: str = "auto"
 
     def validate(self) -> "QuickstartSettings":
+        """Every argument checked before any stage runs or any file is written."""
+        if not 0 <= self.seed <= MAX_SEED - self.seeds - self.nproc:
+            raise InputError(f"--seed must be in 0..{MAX_SEED - self.seeds - self.nproc}, got {self.seed}")
         if self.seeds < 1:
             raise InputError(f"--seeds must be >= 1, got {self.seeds}")
         if self.nproc < 1:
@@ -109,6 +117,12 @@ class QuickstartSettings:
         for name in ("train_images", "val_images", "teacher_steps", "pretrain_steps", "finetune_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if str(self.device).lower() != "auto":
+            from rclip_core.device import resolve_device
+
+            resolve_device(self.device)  # an unknown or absent device, before the first stage
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--out {self.out} exists and is not a directory")
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise InputError(f"unknown ablation {bad[0]!r}", f"choose from: {', '.join(ABLATIONS)}")
