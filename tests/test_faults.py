@@ -5,10 +5,7 @@ and continues exactly with another number of DataLoader workers."""
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from safetensors.torch import load_file
 
 from rclip_cli.main import cli
 from rclip_core.errors import InputError
-from test_pretrain import regionclip_tiny, run, world  # noqa: F401 - the fixture
+from test_pretrain import caption_shards, regionclip_tiny, run, world  # noqa: F401 - the fixture
 
 
 def _tiny(world: Path, out: Path, **over) -> dict:
@@ -60,21 +57,7 @@ def test_bad_training_items_are_counted_named_and_limited(world, tmp_path):
 def test_truncated_shard_among_good_ones_is_counted(world, tmp_path):
     from rclip_core.engine.data import PretrainData, ShortSideResize
 
-    recs = {}
-    for line in (world / "captions_train.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        recs.setdefault(r["image"], r["caption"])
-    shards = []
-    for s, chunk in enumerate((sorted(recs)[:6], sorted(recs)[6:])):
-        p = tmp_path / f"{s:05d}.tar"
-        with tarfile.open(p, "w") as tar:
-            for image in chunk:
-                for name, data in ((Path(image).stem + ".jpg", (world / image).read_bytes()),
-                                   (Path(image).stem + ".txt", recs[image].encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append(str(p))
+    shards, _ = caption_shards(world, tmp_path)
     Path(shards[1]).write_bytes(Path(shards[1]).read_bytes()[:3000])  # breaks off in its first member
     data = PretrainData(shards, ShortSideResize((64,), 128), seed=2)
     data.next_batch(12)  # more than the good shard holds: the broken one is met

@@ -293,11 +293,11 @@ def test_max_images_trains_on_the_first_images_pseudo_label_labels(tmp_path, wor
         DataConfig(max_images=0)
 
 
-def test_tar_shards_stream_and_resume(tmp_path, world):
+def caption_shards(world: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+    """The world's first caption per image as two webdataset tars (6 images, then the rest):
+    (shard paths, {image: caption})."""
     import io
     import tarfile
-
-    from rclip_core.engine.data import PretrainData, ShortSideResize
 
     recs = {}
     for line in (world / "captions_train.jsonl").read_text().splitlines():
@@ -305,7 +305,7 @@ def test_tar_shards_stream_and_resume(tmp_path, world):
         recs.setdefault(r["image"], r["caption"])
     shards = []
     for s, chunk in enumerate((sorted(recs)[:6], sorted(recs)[6:])):
-        p = tmp_path / f"{s:05d}.tar"
+        p = out / f"{s:05d}.tar"
         with tarfile.open(p, "w") as tar:
             for image in chunk:
                 for name, data in ((Path(image).stem + ".jpg", (world / image).read_bytes()),
@@ -314,6 +314,13 @@ def test_tar_shards_stream_and_resume(tmp_path, world):
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         shards.append(str(p))
+    return shards, recs
+
+
+def test_tar_shards_stream_and_resume(tmp_path, world):
+    from rclip_core.engine.data import PretrainData, ShortSideResize
+
+    shards, recs = caption_shards(world, tmp_path)
     tf = ShortSideResize((64,), 128, flip=True)
     a = PretrainData(shards, tf, seed=2)
     first = a.next_batch(4)
